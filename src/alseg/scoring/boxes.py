@@ -1,0 +1,134 @@
+"""From voxel maps to box scores, and non-overlapping selection of boxes.
+
+Candidate boxes lie fully inside the image on a grid ``start = index * stride``. Their means are one
+separable box filter computed with cumulative sums, so a case's voxel map can be reduced to candidate scores
+and dropped (scoring streams case by case).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+def grid_shape(shape: Sequence[int], box_size: Sequence[int], stride: Sequence[int]) -> tuple[int, ...]:
+    """Number of candidate positions per axis for boxes of ``box_size`` fully inside ``shape``."""
+    out = []
+    for n, s, st in zip(shape, box_size, stride, strict=True):
+        if s > n:
+            raise ValueError(f"box size {tuple(box_size)} does not fit in an image of shape {tuple(shape)}")
+        out.append((n - s) // st + 1)
+    return tuple(out)
+
+
+def box_sums(volume: np.ndarray, box_size: Sequence[int], stride: Sequence[int] | int = 1) -> np.ndarray:
+    """Sum of ``volume`` over every box of ``box_size`` on the strided grid (float64).
+
+    One cumulative sum and one strided difference per axis; earlier axes shrink the array first.
+    """
+    nd = volume.ndim
+    if isinstance(stride, int):
+        stride = (stride,) * nd
+    if len(box_size) != nd or len(stride) != nd:
+        raise ValueError(f"box_size {tuple(box_size)} / stride {tuple(stride)} do not match a {nd}-D volume")
+    out = np.asarray(volume, dtype=np.float64)
+    for axis, (s, st) in enumerate(zip(box_size, stride, strict=True)):
+        n = out.shape[axis]
+        if s > n:
+            raise ValueError(f"box size {tuple(box_size)} does not fit in an image of shape {volume.shape}")
+        n_pos = (n - s) // st + 1
+        pad = [(0, 0)] * nd
+        pad[axis] = (1, 0)
+        csum = np.pad(np.cumsum(out, axis=axis), pad)
+        starts = np.arange(n_pos) * st
+        out = np.take(csum, starts + s, axis=axis) - np.take(csum, starts, axis=axis)
+    return out
+
+
+def box_means(volume: np.ndarray, box_size: Sequence[int], stride: Sequence[int] | int = 1) -> np.ndarray:
+    """Mean of ``volume`` over every box of ``box_size`` on the strided grid."""
+    return box_sums(volume, box_size, stride) / float(np.prod(box_size))
+
+
+def free_positions(blocked: np.ndarray, box_size: Sequence[int], stride: Sequence[int] | int = 1) -> np.ndarray:
+    """Boolean grid: True where the box shares no voxel with ``blocked`` (e.g. already annotated voxels)."""
+    return box_sums(blocked.astype(np.float32), box_size, stride) < 0.5
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A scored candidate box in one case; ``info`` explains the score."""
+
+    case_id: str
+    start: tuple[int, ...]
+    score: float
+    info: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def sort_key(self) -> tuple[float, str, tuple[int, ...]]:
+        # highest score first; ties broken by case id, then position
+        return (-self.score, self.case_id, self.start)
+
+
+def block_box(free: np.ndarray, start: Sequence[int], box_size: Sequence[int], stride: Sequence[int]) -> None:
+    """Mark as taken, in a grid of free positions, every box that would overlap the box at ``start``."""
+    sl = []
+    for p, s, st, n in zip(start, box_size, stride, free.shape, strict=True):
+        lo = max(0, -(-(p - s + 1) // st))  # ceil((p - s + 1) / st)
+        hi = min(n, (p + s - 1) // st + 1)
+        sl.append(slice(lo, hi))
+    free[tuple(sl)] = False
+
+
+def greedy_nms(
+    case_id: str,
+    scores: np.ndarray,
+    box_size: Sequence[int],
+    stride: Sequence[int],
+    free: np.ndarray,
+    n_max: int,
+    info: dict[str, Any] | None = None,
+) -> list[Candidate]:
+    """Take up to ``n_max`` boxes by descending score, none overlapping each other or a non-free position.
+
+    ``free`` is updated in place, so several calls (e.g. one per class map) never return overlapping boxes.
+    Ties are broken by position (C order). NaN scores are never taken.
+    """
+    if scores.shape != free.shape:
+        raise ValueError(f"score grid {scores.shape} and free grid {free.shape} differ")
+    flat = np.where(free & np.isfinite(scores), scores, -np.inf).ravel()
+    n_valid = int(np.isfinite(flat).sum())
+    chosen: list[Candidate] = []
+    if n_max <= 0 or n_valid == 0:
+        return chosen
+    chunk = min(n_valid, max(64, 8 * n_max))
+    taken = 0
+    while len(chosen) < n_max and taken < n_valid:
+        k = min(n_valid, taken + chunk)
+        if k < flat.size:
+            part = np.argpartition(-flat, k - 1)[:k]
+        else:
+            part = np.arange(flat.size)
+        # stable order: by score descending, then by flat index (position in C order)
+        order = part[np.lexsort((part, -flat[part]))]
+        for idx in order[taken:k]:
+            if not np.isfinite(flat[idx]):
+                continue
+            pos = np.unravel_index(idx, scores.shape)
+            if not free[pos]:
+                continue
+            start = tuple(int(p) * int(st) for p, st in zip(pos, stride, strict=True))
+            chosen.append(Candidate(case_id, start, float(flat[idx]), dict(info or {})))
+            block_box(free, start, box_size, stride)
+            if len(chosen) >= n_max:
+                break
+        taken = k
+        chunk *= 2
+    return chosen
+
+
+def top_k(candidates: Iterable[Candidate], k: int) -> list[Candidate]:
+    """The ``k`` best candidates over all cases (score descending, ties by case id then position)."""
+    return sorted(candidates, key=Candidate.sort_key)[:k]
