@@ -1,0 +1,29 @@
+"""nnU-Net v2 backend: the only package of alseg that imports nnunetv2 (lazily, inside its functions)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from alseg.backends.nnunet.backend import NnUNetBackend
+from alseg.backends.nnunet.profiles import Schedule, get_profile
+
+if TYPE_CHECKING:
+    from alseg.config import ExperimentConfig
+    from alseg.data.dataset import Dataset
+
+__all__ = ["NnUNetBackend", "make_backend"]
+
+
+def make_backend(cfg: ExperimentConfig, ds: Dataset, workspace: Path) -> NnUNetBackend:
+    """The nnU-Net backend for an experiment's config."""
+    schedule = None
+    if cfg.schedule is not None:
+        schedule = Schedule(**cfg.schedule.model_dump())
+    profile = get_profile(cfg.profile if cfg.profile != "auto" else "cpu", schedule)
+
+    def read_image(case_id: str) -> tuple:
+        return ds.read_image(case_id), ds.geometry(case_id).spacing
+
+    return NnUNetBackend(workspace, read_image, configuration=cfg.configuration or "3d_fullres", profile=profile,
+                         device=cfg.device, num_threads=cfg.num_threads)

@@ -1,0 +1,53 @@
+"""The segmentation backend protocol: everything the loop needs from a segmentation framework.
+
+The loop talks only to this protocol; ``alseg.backends.nnunet`` is the one implementation that imports
+nnunetv2. A backend trains on partially labelled cases (the ignore value marks unannotated voxels) and
+streams probability samples ``(K, C, *spatial)`` for the cases it is asked to predict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from alseg.strategies.base import CasePrediction
+
+
+@dataclass(frozen=True)
+class TrainingCase:
+    """One training case: its image files (one per channel) and its partial label file."""
+
+    images: tuple[Path, ...]
+    label: Path
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where the trained model is, and what training measured."""
+
+    model_dir: Path
+    seconds: float
+    details: dict
+
+
+class SegmentationBackend(Protocol):
+    """A segmentation framework seen by the active-learning loop."""
+
+    name: str
+
+    def prepare(self, planning_cases: Mapping[str, TrainingCase], labels: Mapping[int, str],
+                ignore_value: int) -> None:
+        """Plan once from the starting data (idempotent: a second call with plans present does nothing)."""
+        ...
+
+    def train(self, cases: Mapping[str, TrainingCase], out_dir: Path, seed: int,
+              init_from: Path | None = None) -> TrainResult:
+        """Train one model on ``cases`` and leave it, complete, in ``out_dir`` (written atomically)."""
+        ...
+
+    def predict(self, model_dir: Path, case_ids: Sequence[str], n_samples: int = 1,
+                with_features: bool = False) -> Iterator[CasePrediction]:
+        """Stream predictions case by case: probability samples ``(K, C, *spatial)`` in image geometry."""
+        ...

@@ -1,0 +1,272 @@
+"""The nnU-Net v2 backend: plan once, train on partial labels with the ignore label, predict in memory.
+
+Layout under the backend's workspace (one experiment directory's ``nnunet/``)::
+
+    plans.json             frozen plans (nnU-Net's planner, run once on the starting data)
+    fingerprint.json       the dataset fingerprint used for planning
+    dataset.json           the training dataset.json, with ``"ignore"`` declared
+    planning/              nnU-Net raw / preprocessed folders used only for planning
+
+Training runs ``python -m alseg.backends.nnunet.worker train`` in a child process whose environment alone
+holds nnU-Net's folder variables; the child dies with its parent. A model directory is assembled next to
+its final place and renamed into it when complete, so a directory that exists is a finished model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from alseg.backends.base import TrainingCase, TrainResult
+from alseg.backends.nnunet.profiles import Profile, derive_configuration, get_profile
+from alseg.strategies.base import CasePrediction
+
+DATASET_ID = 987
+DATASET_NAME = f"Dataset{DATASET_ID:03d}_alseg"
+MODEL_COMPLETE = "alseg_model.json"
+
+ImageReader = Callable[[str], tuple[np.ndarray, Sequence[float]]]
+
+
+class BackendError(RuntimeError):
+    """nnU-Net failed; the message names the log file with its output."""
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class NnUNetBackend:
+    """nnU-Net v2 (unmodified, from PyPI) as an alseg segmentation backend."""
+
+    name = "nnunet"
+
+    def __init__(
+        self,
+        workspace: Path,
+        read_image: ImageReader,
+        configuration: str = "3d_fullres",
+        profile: Profile | str = "cpu",
+        device: str = "auto",
+        num_threads: int | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.workspace = Path(workspace)
+        self.read_image = read_image
+        self.base_configuration = configuration
+        self.profile = get_profile(profile) if isinstance(profile, str) else profile
+        self.device = device
+        self.num_threads = num_threads or os.cpu_count() or 1
+        self.log = log or (lambda msg: None)
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def plans_file(self) -> Path:
+        return self.workspace / "plans.json"
+
+    @property
+    def fingerprint_file(self) -> Path:
+        return self.workspace / "fingerprint.json"
+
+    @property
+    def dataset_json_file(self) -> Path:
+        return self.workspace / "dataset.json"
+
+    def configuration(self) -> str:
+        plans = json.loads(self.plans_file.read_text())
+        return derive_configuration(plans, self.base_configuration, self.profile)
+
+    # ------------------------------------------------------------------ worker
+    def _env(self, raw: Path, preprocessed: Path, results: Path, training: bool) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            nnUNet_raw=str(raw),
+            nnUNet_preprocessed=str(preprocessed),
+            nnUNet_results=str(results),
+            nnUNet_def_n_proc=str(min(2, self.num_threads)),
+            OMP_NUM_THREADS=str(self.num_threads),
+        )
+        if training:
+            env["nnUNet_n_proc_DA"] = "0"  # faster on few cores; it breaks planning, so training only
+        else:
+            env.pop("nnUNet_n_proc_DA", None)
+        env.pop("nnUNet_compile", None)
+        return env
+
+    def _run_worker(self, command: str, spec: dict[str, Any], work: Path, training: bool) -> None:
+        work.mkdir(parents=True, exist_ok=True)
+        spec_file = work / f"{command}_spec.json"
+        spec_file.write_text(json.dumps(spec, indent=2))
+        log_file = work / f"{command}.log"
+        env = self._env(work / "raw", work / "preprocessed", work / "results", training)
+        for key in ("raw", "preprocessed", "results"):
+            (work / key).mkdir(exist_ok=True)
+        with open(log_file, "w") as log:
+            proc = subprocess.run(
+                [sys.executable, "-m", "alseg.backends.nnunet.worker", command, str(spec_file)],
+                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work, preexec_fn=_die_with_parent,
+                check=False,
+            )
+        if proc.returncode != 0:
+            tail = log_file.read_text()[-3000:]
+            raise BackendError(f"nnU-Net {command} failed (exit {proc.returncode}); see {log_file}:\n{tail}")
+
+    # ------------------------------------------------------------------ protocol
+    def _dataset_json(self, labels: Mapping[int, str], ignore_value: int | None, n: int,
+                      n_channels: int) -> dict[str, Any]:
+        names: dict[str, int] = {}
+        for value, name in sorted(labels.items()):
+            key = "background" if value == 0 else str(name)
+            if key in names or key == "ignore":
+                key = f"{key}_{value}"
+            names[key] = int(value)
+        if ignore_value is not None:
+            names["ignore"] = int(ignore_value)
+        return {
+            "channel_names": {str(i): f"channel{i}" for i in range(n_channels)},
+            "labels": names,
+            "numTraining": n,
+            "file_ending": ".nii.gz",
+        }
+
+    def prepare(self, planning_cases: Mapping[str, TrainingCase], labels: Mapping[int, str],
+                ignore_value: int) -> None:
+        """Fingerprint and plan from ``planning_cases`` (labels without the ignore value), once."""
+        if self.plans_file.exists() and self.dataset_json_file.exists():
+            return
+        if not planning_cases:
+            raise ValueError("nnU-Net planning needs at least one annotated case")
+        n_channels = len(next(iter(planning_cases.values())).images)
+        work = self.workspace / "planning"
+        shutil.rmtree(work, ignore_errors=True)
+        dj = self._dataset_json(labels, None, len(planning_cases), n_channels)
+        dj["dataset"] = {
+            cid: {"images": [str(p) for p in c.images], "label": str(c.label)}
+            for cid, c in sorted(planning_cases.items())
+        }
+        spec = {
+            "dataset_name": DATASET_NAME,
+            "dataset_id": DATASET_ID,
+            "planning_dataset_json": dj,
+            "plans_out": str(self.fingerprint_file.with_name("plans.json.new")),
+            "fingerprint_out": str(self.fingerprint_file.with_name("fingerprint.json.new")),
+            "num_processes": min(2, self.num_threads),
+        }
+        t0 = time.perf_counter()
+        self._run_worker("plan", spec, work, training=False)
+        train_dj = self._dataset_json(labels, ignore_value, 0, n_channels)
+        tmp = self.dataset_json_file.with_suffix(".json.new")
+        tmp.write_text(json.dumps(train_dj, indent=2))
+        os.replace(self.fingerprint_file.with_name("fingerprint.json.new"), self.fingerprint_file)
+        os.replace(tmp, self.dataset_json_file)
+        os.replace(self.fingerprint_file.with_name("plans.json.new"), self.plans_file)  # plans last: the marker
+        shutil.rmtree(work, ignore_errors=True)
+        self.log(f"nnU-Net planned from {len(planning_cases)} cases in {time.perf_counter() - t0:.1f} s")
+
+    def train(self, cases: Mapping[str, TrainingCase], out_dir: Path, seed: int,
+              init_from: Path | None = None) -> TrainResult:
+        out_dir = Path(out_dir)
+        if (out_dir / MODEL_COMPLETE).exists():
+            report = json.loads((out_dir / MODEL_COMPLETE).read_text())
+            return TrainResult(out_dir, float(report.get("train_seconds", 0.0)), report)
+        if not cases:
+            raise ValueError("nothing is annotated: no case to train on")
+        plans = json.loads(self.plans_file.read_text())
+        configuration = derive_configuration(plans, self.base_configuration, self.profile)
+        dataset_json = json.loads(self.dataset_json_file.read_text())
+        dataset_json["numTraining"] = len(cases)
+        work = out_dir.with_name(out_dir.name + ".partial")
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        plans_path = work / "plans.json"
+        plans_path.write_text(json.dumps(plans))
+        init_ckpt = None
+        if init_from is not None and self.profile.schedule.warm_start:
+            init_ckpt = str(Path(init_from) / "fold_all" / "checkpoint_final.pth")
+        spec = {
+            "plans_file": str(plans_path),
+            "fingerprint_file": str(self.fingerprint_file),
+            "dataset_json": dataset_json,
+            "configuration": configuration,
+            "dataset_name": DATASET_NAME,
+            "cases": {cid: {"images": [str(p) for p in c.images], "label": str(c.label)}
+                      for cid, c in sorted(cases.items())},
+            "seed": int(seed),
+            "num_threads": self.num_threads,
+            "device": resolve_device(self.device),
+            "schedule": self.profile.schedule.to_spec(),
+            "init_checkpoint": init_ckpt,
+            "report_file": str(work / "report.json"),
+        }
+        t0 = time.perf_counter()
+        self._run_worker("train", spec, work, training=True)
+        report = json.loads((work / "report.json").read_text())
+        trained = Path(report["output_folder"])
+        model = work / "model"
+        trained.rename(model)
+        (model / "fold_all" / "checkpoint_best.pth").unlink(missing_ok=True)
+        shutil.copyfile(work / "train.log", model / "train.log")
+        report.update(configuration=configuration, profile=self.profile.name, seconds=time.perf_counter() - t0,
+                      init_from=str(init_from) if init_ckpt else None)
+        (model / MODEL_COMPLETE).write_text(json.dumps(report, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(model, out_dir)
+        shutil.rmtree(work, ignore_errors=True)
+        return TrainResult(out_dir, float(report["train_seconds"]), report)
+
+    def predict(self, model_dir: Path, case_ids: Sequence[str], n_samples: int = 1,
+                with_features: bool = False) -> Iterator[CasePrediction]:
+        if n_samples != 1 or with_features:
+            raise NotImplementedError(
+                "the nnU-Net backend gives one softmax sample without features so far; "
+                f"asked for n_samples={n_samples}, with_features={with_features}"
+            )
+        predictor = self._load_predictor(Path(model_dir))
+        for case_id in case_ids:
+            image, spacing = self.read_image(case_id)
+            _, probs = predictor.predict_single_npy_array(
+                np.ascontiguousarray(image, dtype=np.float32), {"spacing": [float(s) for s in spacing]},
+                None, None, True,
+            )
+            yield CasePrediction(case_id, np.asarray(probs, dtype=np.float32)[None])
+
+    def _load_predictor(self, model_dir: Path) -> Any:
+        if not (model_dir / MODEL_COMPLETE).exists():
+            raise BackendError(f"{model_dir} is not a complete alseg nnU-Net model (no {MODEL_COMPLETE})")
+        with contextlib.redirect_stdout(io.StringIO()):
+            import torch
+            from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+        device = resolve_device(self.device)
+        predictor = nnUNetPredictor(
+            tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+            perform_everything_on_device=device != "cpu", device=torch.device(device), verbose=False,
+            allow_tqdm=False,
+        )
+        with contextlib.redirect_stdout(io.StringIO()):
+            predictor.initialize_from_trained_model_folder(str(model_dir), use_folds=("all",),
+                                                           checkpoint_name="checkpoint_final.pth")
+        return predictor

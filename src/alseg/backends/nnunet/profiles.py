@@ -1,0 +1,100 @@
+"""Training profiles for the nnU-Net backend: which configuration, network and schedule a round uses.
+
+``gpu`` keeps nnU-Net's own plans and schedule (1000 epochs of 250 iterations, from scratch each round).
+``cpu`` makes a round converge in minutes on 2 cores; each change from nnU-Net's defaults is stated here and
+calibrated by ``benchmarks/cpu_profile.py``:
+
+- features per stage halved (16, 32, 64, 128 instead of 32 ... 256 for Hippocampus): about 4x fewer
+  multiply-adds, 0.3-0.45 s per iteration instead of 1.5 s on 2 cores;
+- a short schedule (see ``CPU_SCHEDULE``) with warm start from the previous round's model, as seed 001 does;
+- a fixed number of training iterations per round instead of nnU-Net's 250 000.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+ProfileName = Literal["gpu", "cpu"]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How one round trains."""
+
+    epochs: int
+    iterations_per_epoch: int
+    val_iterations_per_epoch: int = 1
+    warm_start: bool = False
+    initial_lr: float | None = None
+
+    def to_spec(self) -> dict[str, Any]:
+        spec = {k: v for k, v in asdict(self).items() if v is not None and k != "warm_start"}
+        return spec
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: ProfileName
+    schedule: Schedule
+    feature_scale: float = 1.0  # multiplies features per stage
+    max_features: int | None = None
+    batch_size: int | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def configuration_suffix(self) -> str:
+        return "" if self.name == "gpu" else "_alseg_cpu"
+
+
+GPU_SCHEDULE = Schedule(epochs=1000, iterations_per_epoch=250, val_iterations_per_epoch=50)
+CPU_SCHEDULE = Schedule(epochs=8, iterations_per_epoch=50, val_iterations_per_epoch=1, warm_start=True)
+
+
+def get_profile(name: str, schedule: Schedule | None = None) -> Profile:
+    if name == "gpu":
+        return Profile("gpu", schedule or GPU_SCHEDULE)
+    if name == "cpu":
+        return Profile(
+            "cpu",
+            schedule or CPU_SCHEDULE,
+            feature_scale=0.5,
+            notes=("features per stage halved", "short schedule with warm start"),
+        )
+    raise ValueError(f"unknown profile {name!r}; expected one of 'gpu', 'cpu'")
+
+
+def derive_configuration(plans: dict[str, Any], base: str, profile: Profile) -> str:
+    """Add the profile's configuration to ``plans`` (in place) and return its name.
+
+    The derived configuration inherits nnU-Net's preprocessing (same data identifier) and changes only the
+    network width and batch size.
+    """
+    if base not in plans["configurations"]:
+        raise ValueError(
+            f"configuration {base!r} is not in the nnU-Net plans; available: {sorted(plans['configurations'])}"
+        )
+    if profile.name == "gpu":
+        return base
+    name = base + profile.configuration_suffix
+    arch = copy.deepcopy(_resolved(plans, base)["architecture"])
+    kw = arch["arch_kwargs"]
+    feats = [max(4, int(round(f * profile.feature_scale))) for f in kw["features_per_stage"]]
+    if profile.max_features is not None:
+        feats = [min(f, profile.max_features) for f in feats]
+    kw["features_per_stage"] = feats
+    config: dict[str, Any] = {"inherits_from": base, "architecture": arch}
+    if profile.batch_size is not None:
+        config["batch_size"] = profile.batch_size
+    plans["configurations"][name] = config
+    return name
+
+
+def _resolved(plans: dict[str, Any], name: str) -> dict[str, Any]:
+    conf = plans["configurations"][name]
+    if "inherits_from" in conf:
+        merged = copy.deepcopy(_resolved(plans, conf["inherits_from"]))
+        merged.update({k: v for k, v in conf.items() if k != "inherits_from"})
+        return merged
+    return conf

@@ -1,0 +1,141 @@
+"""nnU-Net work that runs in its own process: planning and training.
+
+nnU-Net reads its folders from environment variables at import time and starts worker pools, so
+:class:`~alseg.backends.nnunet.backend.NnUNetBackend` runs these steps as
+``python -m alseg.backends.nnunet.worker {plan,train} SPEC.json`` with the variables set for that process
+only. The spec is plain JSON; the results are files under the folders the spec names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _seed_everything(seed: int) -> None:
+    """nnU-Net's data loader and augmentations draw from the global numpy / python / torch generators.
+
+    This process exists only to run nnU-Net, so seeding its global state here is the only way to make its
+    crops repeatable; alseg's own code never uses global random state.
+    """
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 - nnU-Net's own sampling uses the global generator
+    torch.manual_seed(seed)
+
+
+def plan(spec: dict[str, Any]) -> None:
+    """Fingerprint and plan once from the starting data; the plans stay frozen afterwards."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+        extract_fingerprint_dataset,
+        plan_experiment_dataset,
+    )
+
+    raw = Path(os.environ["nnUNet_raw"]) / spec["dataset_name"]
+    _write_json(raw / "dataset.json", spec["planning_dataset_json"])
+    extract_fingerprint_dataset(
+        spec["dataset_id"], num_processes=int(spec.get("num_processes", 2)), clean=True, verbose=False,
+        show_progress_bar=False,
+    )
+    _, plans_identifier = plan_experiment_dataset(spec["dataset_id"])
+    pre = Path(os.environ["nnUNet_preprocessed"]) / spec["dataset_name"]
+    for src, dst in ((f"{plans_identifier}.json", spec["plans_out"]), ("dataset_fingerprint.json", spec["fingerprint_out"])):
+        Path(dst).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(pre / src, Path(dst).with_suffix(".tmp"))
+        os.replace(Path(dst).with_suffix(".tmp"), dst)
+
+
+def train(spec: dict[str, Any]) -> None:
+    """Preprocess the annotated cases with the frozen plans and train one model (fold 'all')."""
+    import numpy as np  # noqa: F401 - imported before torch on purpose (thread settings)
+    import torch
+
+    torch.set_num_threads(int(spec.get("num_threads", os.cpu_count() or 1)))
+    _seed_everything(int(spec["seed"]))
+
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans = json.loads(Path(spec["plans_file"]).read_text())
+    dataset_json = spec["dataset_json"]
+    configuration = spec["configuration"]
+    name = spec["dataset_name"]
+    pre_base = Path(os.environ["nnUNet_preprocessed"]) / name
+    pm = PlansManager(plans)
+    cm = pm.get_configuration(configuration)
+    data_dir = pre_base / cm.data_identifier
+    data_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(pre_base / "nnUNetPlans.json", plans)
+    _write_json(pre_base / "dataset.json", dataset_json)
+    shutil.copyfile(spec["fingerprint_file"], pre_base / "dataset_fingerprint.json")
+
+    t0 = time.perf_counter()
+    preprocessor = DefaultPreprocessor(verbose=False)
+    for case_id, files in sorted(spec["cases"].items()):
+        preprocessor.run_case_save(str(data_dir / case_id), files["images"], files["label"], pm, cm, dataset_json)
+    t_pre = time.perf_counter() - t0
+
+    device = torch.device(spec.get("device", "cpu"))
+    plans["continue_training"] = False  # nnU-Net 2.8 passes this flag through the plans dict
+    trainer = nnUNetTrainer(plans=plans, configuration=configuration, fold="all", dataset_json=dataset_json,
+                            device=device)
+    schedule = spec["schedule"]
+    trainer.num_epochs = int(schedule["epochs"])
+    trainer.num_iterations_per_epoch = int(schedule["iterations_per_epoch"])
+    trainer.num_val_iterations_per_epoch = int(schedule.get("val_iterations_per_epoch", 1))
+    trainer.save_every = 10**9  # one checkpoint at the end; alseg resumes whole rounds
+    if "initial_lr" in schedule:
+        trainer.initial_lr = float(schedule["initial_lr"])
+    if "oversample_foreground_percent" in schedule:
+        trainer.oversample_foreground_percent = float(schedule["oversample_foreground_percent"])
+    if spec.get("disable_mirroring", True):
+        # alseg predicts without mirroring; training without it matches that and saves time
+        trainer.inference_allowed_mirroring_axes = None
+    trainer.initialize()
+    init = spec.get("init_checkpoint")
+    if init:
+        load_pretrained_weights(trainer.network, init, verbose=False)
+    t1 = time.perf_counter()
+    trainer.run_training()
+    t_train = time.perf_counter() - t1
+    _write_json(
+        Path(spec["report_file"]),
+        {
+            "preprocess_seconds": t_pre,
+            "train_seconds": t_train,
+            "n_cases": len(spec["cases"]),
+            "output_folder": trainer.output_folder_base,
+            "train_losses": [float(v) for v in trainer.logger.local_logger.my_fantastic_logging["train_losses"]],
+        },
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 2 or argv[0] not in {"plan", "train"}:
+        print("usage: python -m alseg.backends.nnunet.worker {plan,train} SPEC.json", file=sys.stderr)
+        return 2
+    spec = json.loads(Path(argv[1]).read_text())
+    {"plan": plan, "train": train}[argv[0]](spec)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,123 @@
+"""Experiment configuration: a YAML file whose smallest form is ``dataset: PATH`` and ``strategy: NAME``.
+
+Every other key has a default that suits the dataset; ``resolve`` fills the dataset-derived ones (region
+size, stride, configuration) so that the stored config of an experiment is complete and explicit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the file, the key and what was expected."""
+
+
+class ScheduleConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(gt=0)
+    iterations_per_epoch: int = Field(gt=0)
+    val_iterations_per_epoch: int = Field(default=1, ge=1)
+    warm_start: bool = True
+    initial_lr: float | None = Field(default=None, gt=0)
+
+
+class UncertaintyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: Literal["softmax", "mc_dropout", "tta", "ensemble"] = "softmax"
+    n_samples: int = Field(default=1, ge=1)
+
+
+class ExperimentConfig(BaseModel):
+    """All settings of one experiment (one strategy, one seed, one setting)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: Path
+    strategy: str
+    strategy_params: dict[str, Any] = Field(default_factory=dict)
+    seed: int = 0
+    rounds: int = Field(default=5, ge=1, description="training rounds, the starting one included")
+    query_size: int = Field(default=20, ge=1, description="regions queried per round")
+    starting_budget: int | None = Field(default=None, ge=1, description="regions in round 0; default query_size")
+    unit: Literal["box", "slice", "case"] = "box"
+    region_size: list[int] | None = None
+    slice_axis: int = Field(default=0, ge=0)
+    stride: list[int] | None = None
+    n_per_case: int = Field(default=20, ge=1)
+    holdout_fraction: float = Field(default=0.25, gt=0, lt=1)
+    split_seed: int = 0
+    backend: Literal["nnunet"] = "nnunet"
+    configuration: Literal["2d", "3d_fullres"] | None = None
+    profile: Literal["auto", "cpu", "gpu"] = "auto"
+    schedule: ScheduleConfig | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: int | None = Field(default=None, ge=1)
+    uncertainty: UncertaintyConfig = Field(default_factory=UncertaintyConfig)
+    evaluate_every: int = Field(default=1, ge=1)
+
+    @field_validator("region_size", "stride")
+    @classmethod
+    def _positive(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(int(x) <= 0 for x in v)):
+            raise ValueError(f"expected a list of positive integers, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> ExperimentConfig:
+        if self.unit == "box" and self.region_size is not None and len(self.region_size) not in (2, 3):
+            raise ValueError(f"region_size must have 2 or 3 entries, got {self.region_size}")
+        return self
+
+    @property
+    def starting_size(self) -> int:
+        return self.starting_budget or self.query_size
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        value = e.get("input")
+        if e["type"] == "extra_forbidden":
+            allowed = ", ".join(sorted(ExperimentConfig.model_fields))
+            lines.append(f"unknown key {key!r}; valid keys: {allowed}")
+        elif e["type"] == "missing":
+            lines.append(f"missing required key {key!r}")
+        else:
+            lines.append(f"key {key!r}: {e['msg']} (got {value!r})")
+    return f"invalid config {source}:\n  " + "\n  ".join(lines)
+
+
+def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None) -> ExperimentConfig:
+    """Validate a config mapping; relative dataset paths are resolved against ``base_dir``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {source}: expected a mapping of keys, got {type(data).__name__}")
+    try:
+        cfg = ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+    if base_dir is not None and not cfg.dataset.is_absolute():
+        cfg = cfg.model_copy(update={"dataset": (base_dir / cfg.dataset).resolve()})
+    return cfg
+
+
+def load_config(path: Path) -> ExperimentConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    return parse_config(data, str(path), base_dir=path.resolve().parent)
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

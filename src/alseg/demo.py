@@ -1,0 +1,25 @@
+"""The demo experiment: a small real run on the Hippocampus subset bundled with the package."""
+
+from __future__ import annotations
+
+from alseg.config import ExperimentConfig, ScheduleConfig
+from alseg.data.dataset import demo_dataset_path
+
+# Calibrated on 2 CPU cores by benchmarks/cpu_profile.py: each round trains the cpu profile's network
+# (warm-started from the previous round) for DEMO_SCHEDULE; the whole demo stays under 15 minutes.
+DEMO_SCHEDULE = ScheduleConfig(epochs=8, iterations_per_epoch=50, warm_start=True)
+
+
+def demo_config(strategy: str = "random_fg33", rounds: int = 3, seed: int = 0) -> ExperimentConfig:
+    """Config of the demo: 40 bundled cases (30 pool, 10 held out), 20^3 boxes, 20 per round."""
+    return ExperimentConfig(
+        dataset=demo_dataset_path(),
+        strategy=strategy,
+        seed=seed,
+        rounds=rounds,
+        query_size=20,
+        unit="box",
+        profile="cpu",
+        device="cpu",
+        schedule=DEMO_SCHEDULE,
+    )

@@ -1,0 +1,458 @@
+"""The active-learning loop: split, starting budget, train, predict, score, select, annotate, evaluate.
+
+One experiment is one directory::
+
+    config.yaml          the complete, resolved configuration
+    alseg.sqlite         rounds, stages, regions, label files, metrics (see ``state.py``)
+    alseg.log            the log
+    nnunet/              the backend's frozen plans
+    rounds/NNN/          query.json, labels/ (partial labels of the cases changed this round),
+                         model/ (the trained model), evaluation.json
+
+Round ``r`` runs the stages ``query`` (round 0: the starting budget; later: the strategy, using the model of
+round ``r - 1``), ``annotate`` (the oracle fills the regions), ``train`` and ``evaluate``. Each stage
+commits in one transaction after its files are complete, so an interrupted run resumes at the first
+stage that is not done, with no region lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from alseg.backends.base import SegmentationBackend, TrainingCase
+from alseg.config import ConfigError, ExperimentConfig, dump_config, load_config
+from alseg.data.dataset import Dataset, DatasetError, load_dataset, split_holdout, validate_dataset
+from alseg.data.labels import partial_label, write_label_nifti
+from alseg.data.regions import Region, annotated_mask, default_region_size, unit_box_size
+from alseg.evaluation.metrics import CostAccumulator, evaluate_case, json_safe, summarise_cases
+from alseg.loop.state import ExperimentState, experiment_lock
+from alseg.strategies.base import NotEnoughCandidatesError, PoolView, QueryContext, Strategy
+from alseg.strategies.registry import get_strategy
+from alseg.strategies.starting import starting_budget
+
+CONFIG_FILE = "config.yaml"
+DB_FILE = "alseg.sqlite"
+LOG_FILE = "alseg.log"
+STAGES = ("query", "annotate", "train", "evaluate")
+
+log = logging.getLogger("alseg")
+
+
+class ExperimentError(RuntimeError):
+    """The experiment cannot be created or continued; the message says why."""
+
+
+# --------------------------------------------------------------------------- config resolution
+def resolve_config(cfg: ExperimentConfig, ds: Dataset) -> ExperimentConfig:
+    """Fill the dataset-derived defaults so the stored config is explicit."""
+    shapes = [ds.geometry(c).shape for c in ds.case_ids]
+    ndim = len(shapes[0])
+    update: dict[str, Any] = {}
+    if cfg.region_size is None:
+        update["region_size"] = list(default_region_size(shapes))
+    elif len(cfg.region_size) != ndim:
+        raise ConfigError(
+            f"invalid config: key 'region_size' has {len(cfg.region_size)} entries but the images of "
+            f"{ds.root} have {ndim} axes"
+        )
+    if cfg.stride is None:
+        # nnActive: stride 1 on small images (Hippocampus), 8 on large ones
+        median_voxels = float(np.median([np.prod(s) for s in shapes]))
+        update["stride"] = [1 if median_voxels <= 2_000_000 else 8] * ndim
+    elif len(cfg.stride) != ndim:
+        raise ConfigError(f"invalid config: key 'stride' has {len(cfg.stride)} entries, images have {ndim} axes")
+    if cfg.slice_axis >= ndim:
+        raise ConfigError(f"invalid config: key 'slice_axis' is {cfg.slice_axis}, images have {ndim} axes")
+    if cfg.configuration is None:
+        update["configuration"] = "3d_fullres" if ndim == 3 else "2d"
+    if cfg.profile == "auto":
+        import torch
+
+        update["profile"] = "gpu" if (cfg.device != "cpu" and torch.cuda.is_available()) else "cpu"
+    update["dataset"] = Path(cfg.dataset).resolve()
+    return cfg.model_copy(update=update)
+
+
+def capacity(ds: Dataset, pool: list[str], cfg: ExperimentConfig) -> int:
+    """How many non-overlapping regions the pool holds at most (a tiling of each case)."""
+    total = 0
+    for cid in pool:
+        shape = ds.geometry(cid).shape
+        size = unit_box_size(cfg.unit, shape, cfg.region_size, cfg.slice_axis)
+        total += int(np.prod([n // s for n, s in zip(shape, size, strict=True)]))
+    return total
+
+
+# --------------------------------------------------------------------------- creation
+def create_experiment(cfg: ExperimentConfig, exp_dir: Path) -> ExperimentConfig:
+    """Validate everything, then create ``exp_dir`` atomically. Nothing is written on bad input."""
+    exp_dir = Path(exp_dir)
+    if exp_dir.exists() and any(exp_dir.iterdir()):
+        raise ExperimentError(f"{exp_dir} exists and is not an alseg experiment (no {CONFIG_FILE})")
+    ds = load_dataset(cfg.dataset)
+    validate_dataset(ds)
+    get_strategy(cfg.strategy, cfg.strategy_params)  # unknown name or parameter: error now
+    cfg = resolve_config(cfg, ds)
+    pool, test = split_holdout(ds.case_ids, cfg.holdout_fraction, cfg.split_seed)
+    needed = cfg.starting_size + (cfg.rounds - 1) * cfg.query_size
+    cap = capacity(ds, pool, cfg)
+    if needed > cap:
+        raise ConfigError(
+            f"invalid config: {cfg.rounds} rounds need {needed} regions (starting_budget "
+            f"{cfg.starting_size} + {cfg.rounds - 1} x query_size {cfg.query_size}) but the pool of "
+            f"{len(pool)} cases holds at most {cap} non-overlapping {cfg.unit} regions of size "
+            f"{cfg.region_size}"
+        )
+    pool_fg: dict[str, int] = defaultdict(int)
+    for cid in pool:
+        gt = ds.read_label(cid)
+        for lab in ds.foreground_labels:
+            pool_fg[str(lab)] += int(np.count_nonzero(gt == lab))
+
+    parent = exp_dir.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = parent / f".{exp_dir.name}.creating-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        (tmp / CONFIG_FILE).write_text(dump_config(cfg))
+        state = ExperimentState(tmp / DB_FILE)
+        with state.transaction() as conn:
+            state.set_split(conn, pool, test)
+            state.set_meta(conn, "pool_fg_voxels", __import__("json").dumps(dict(pool_fg)))
+            state.set_meta(conn, "alseg_version", __import__("alseg").__version__)
+        state.close()
+        if exp_dir.exists():
+            exp_dir.rmdir()  # empty, checked above
+        os.rename(tmp, exp_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return cfg
+
+
+def open_or_create(cfg: ExperimentConfig | None, exp_dir: Path) -> ExperimentConfig:
+    """Resume ``exp_dir`` if it is an experiment (its stored config must match ``cfg``), else create it."""
+    exp_dir = Path(exp_dir)
+    stored_path = exp_dir / CONFIG_FILE
+    if stored_path.exists():
+        stored = load_config(stored_path)
+        if cfg is not None:
+            ds = load_dataset(cfg.dataset)
+            wanted = resolve_config(cfg, ds)
+            diff = {
+                k: (getattr(stored, k), getattr(wanted, k))
+                for k in ExperimentConfig.model_fields
+                if getattr(stored, k) != getattr(wanted, k)
+            }
+            if diff:
+                lines = ", ".join(f"{k}: stored {a!r} vs given {b!r}" for k, (a, b) in diff.items())
+                raise ExperimentError(
+                    f"{exp_dir} was created with a different config ({lines}); use another --out directory"
+                )
+        return stored
+    if cfg is None:
+        raise ExperimentError(f"{exp_dir} is not an alseg experiment (no {CONFIG_FILE})")
+    return create_experiment(cfg, exp_dir)
+
+
+# --------------------------------------------------------------------------- the loop
+@dataclass
+class StageTimer:
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+
+
+def _peak_rss_mb() -> float:
+    self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(self_kb, child_kb) / 1024.0
+
+
+BackendFactory = Callable[[ExperimentConfig, Dataset, Path], SegmentationBackend]
+
+
+def default_backend(cfg: ExperimentConfig, ds: Dataset, exp_dir: Path) -> SegmentationBackend:
+    from alseg.backends.nnunet import make_backend
+
+    return make_backend(cfg, ds, exp_dir / "nnunet")
+
+
+class Experiment:
+    """A running experiment: the dataset, its state and the backend."""
+
+    def __init__(self, exp_dir: Path, cfg: ExperimentConfig,
+                 backend_factory: BackendFactory = default_backend) -> None:
+        self.dir = Path(exp_dir)
+        self.cfg = cfg
+        self.ds = load_dataset(cfg.dataset)
+        self.state = ExperimentState(self.dir / DB_FILE)
+        self.pool, self.test = self.state.split()
+        self.strategy: Strategy = get_strategy(cfg.strategy, cfg.strategy_params)
+        self.ignore_value = max(self.ds.labels) + 1
+        self._backend_factory = backend_factory
+        self._backend: SegmentationBackend | None = None
+        self._gt_cache: dict[str, np.ndarray] = {}
+
+    @property
+    def backend(self) -> SegmentationBackend:
+        if self._backend is None:
+            self._backend = self._backend_factory(self.cfg, self.ds, self.dir)
+        return self._backend
+
+    def round_dir(self, r: int) -> Path:
+        return self.dir / "rounds" / f"{r:03d}"
+
+    def model_dir(self, r: int) -> Path:
+        return self.round_dir(r) / "model"
+
+    # ------------------------------------------------------------ helpers
+    def box_sizes(self) -> dict[str, tuple[int, ...]]:
+        return {
+            cid: unit_box_size(self.cfg.unit, self.ds.geometry(cid).shape, self.cfg.region_size,
+                               self.cfg.slice_axis)
+            for cid in self.pool
+        }
+
+    def ground_truth(self, case_id: str) -> np.ndarray:
+        if case_id not in self._gt_cache:
+            if len(self._gt_cache) > 512:
+                self._gt_cache.clear()
+            self._gt_cache[case_id] = self.ds.read_label(case_id)
+        return self._gt_cache[case_id]
+
+    def annotated_boxes(self, max_round: int) -> dict[str, list]:
+        boxes: dict[str, list] = defaultdict(list)
+        for sr in self.state.regions(max_round=max_round):
+            boxes[sr.region.case_id].append(sr.region.box)
+        return boxes
+
+    def pool_view(self, r: int, predictions: Callable[[], Iterator[Any]] | None = None) -> PoolView:
+        boxes = self.annotated_boxes(r - 1)
+        shapes = {cid: self.ds.geometry(cid).shape for cid in self.pool}
+        class_voxels: dict[int, int] = defaultdict(int)
+        for sr in self.state.regions(max_round=r - 1, status="annotated"):
+            for lab, n in (sr.fg_voxels or {}).items():
+                class_voxels[int(lab)] += int(n)
+        return PoolView(
+            case_ids=list(self.pool),
+            shapes=shapes,
+            box_sizes=self.box_sizes(),
+            stride=tuple(self.cfg.stride or ()),
+            foreground_labels=tuple(self.ds.foreground_labels),
+            annotated=lambda cid: annotated_mask(shapes[cid], boxes.get(cid, [])),
+            annotated_class_voxels=dict(class_voxels),
+            ground_truth=self.ground_truth,
+            predictions=predictions,
+        )
+
+    def _commit_stage(self, r: int, stage: str, t0: float, detail: dict[str, Any] | None = None,
+                      extra: Callable[[Any], None] | None = None) -> None:
+        with self.state.transaction() as conn:
+            if extra is not None:
+                extra(conn)
+            self.state.mark_stage(conn, r, stage, time.perf_counter() - t0, _peak_rss_mb(), detail)
+
+    # ------------------------------------------------------------ stages
+    def stage_query(self, r: int) -> None:
+        t0 = time.perf_counter()
+        key = "starting_budget" if r == 0 else self.strategy.key
+        predictions = None
+        if r > 0 and self.strategy.needs.probabilities:
+            model = self.model_dir(r - 1)
+            n_samples = max(self.cfg.uncertainty.n_samples, self.strategy.needs.min_samples)
+
+            def predictions() -> Iterator[Any]:
+                it = self.backend.predict(model, self.pool, n_samples=n_samples,
+                                          with_features=self.strategy.needs.features)
+                yield from tqdm(it, total=len(self.pool), desc=f"round {r}: predict pool", unit="case",
+                                leave=False)
+
+        ctx = QueryContext(
+            pool=self.pool_view(r, predictions),
+            query_size=self.cfg.query_size if r > 0 else self.cfg.starting_size,
+            round_index=r,
+            n_rounds=self.cfg.rounds,
+            seed=self.cfg.seed,
+            strategy_key=key,
+            n_per_case=self.cfg.n_per_case,
+        )
+        try:
+            regions = starting_budget(ctx, ctx.query_size) if r == 0 else self.strategy.query(ctx)
+        except NotEnoughCandidatesError as err:
+            raise ExperimentError(f"round {r}: {err}") from None
+        self._check_regions(r, regions, ctx.query_size)
+        out = self.round_dir(r) / "query.json"
+        _write_json_atomic(out, {
+            "round": r, "strategy": key, "params": self.strategy.params() if r > 0 else {},
+            "regions": [{"case_id": g.case_id, **g.box.to_json(), "score": g.score, "info": g.info}
+                        for g in regions],
+        })
+        self._commit_stage(r, "query", t0, {"n_regions": len(regions), "strategy": key},
+                           lambda conn: self.state.add_regions(conn, r, regions, key))
+        log.info("round %d: %s chose %d regions in %.1f s", r, key, len(regions), time.perf_counter() - t0)
+
+    def _check_regions(self, r: int, regions: list[Region], expected: int) -> None:
+        if len(regions) != expected:
+            raise ExperimentError(f"round {r}: strategy returned {len(regions)} regions, expected {expected}")
+        boxes = self.annotated_boxes(r - 1)
+        for i, g in enumerate(regions):
+            if g.case_id not in set(self.pool):
+                raise ExperimentError(f"round {r}: region in case {g.case_id!r}, which is not in the pool")
+            if not g.box.inside(self.ds.geometry(g.case_id).shape):
+                raise ExperimentError(f"round {r}: region {g.box} lies outside case {g.case_id}")
+            clash = [b for b in boxes.get(g.case_id, []) if b.overlaps(g.box)]
+            if clash:
+                raise ExperimentError(f"round {r}: region {g.box} of {g.case_id} overlaps annotated {clash[0]}")
+            boxes[g.case_id].append(g.box)
+        del i
+
+    def stage_annotate(self, r: int) -> None:
+        """Simulated oracle: the ground truth inside the round's regions, the ignore value elsewhere."""
+        t0 = time.perf_counter()
+        chosen = self.state.regions(round_index=r)
+        boxes = self.annotated_boxes(r)
+        label_dir = self.round_dir(r) / "labels"
+        changed = sorted({sr.region.case_id for sr in chosen})
+        files: dict[str, str] = {}
+        fg_counts: dict[int, dict[str, int]] = {}
+        for cid in tqdm(changed, desc=f"round {r}: annotate", unit="case", leave=False):
+            gt = self.ground_truth(cid)
+            mask = annotated_mask(gt.shape, boxes[cid])
+            path = label_dir / f"{cid}.nii.gz"
+            files[cid] = write_label_nifti(path, partial_label(gt, mask, self.ignore_value), self.ds.geometry(cid))
+            for sr in chosen:
+                if sr.region.case_id == cid:
+                    sel = gt[sr.region.box.slices()]
+                    fg_counts[sr.id] = {str(lab): int(np.count_nonzero(sel == lab))
+                                        for lab in self.ds.foreground_labels}
+
+        def record(conn: Any) -> None:
+            for cid, sha in files.items():
+                self.state.add_label_file(conn, r, cid, str((label_dir / f"{cid}.nii.gz").relative_to(self.dir)),
+                                          sha)
+            for sr in chosen:
+                self.state.mark_annotated(conn, sr.id, fg_counts[sr.id], "simulated")
+
+        self._commit_stage(r, "annotate", t0, {"cases": len(changed)}, record)
+
+    def training_cases(self, r: int) -> dict[str, TrainingCase]:
+        files = self.state.latest_label_files(r)
+        return {cid: TrainingCase(tuple(self.ds.image_files(cid)), self.dir / rel) for cid, rel in files.items()}
+
+    def stage_train(self, r: int) -> None:
+        t0 = time.perf_counter()
+        cases = self.training_cases(r)
+        if r == 0:
+            self._prepare_backend(cases)
+        init = self.model_dir(r - 1) if r > 0 else None
+        result = self.backend.train(cases, self.model_dir(r), seed=self.cfg.seed * 1000 + r, init_from=init)
+        self._commit_stage(r, "train", t0, {"n_cases": len(cases), "train_seconds": result.seconds,
+                                            "model_dir": str(result.model_dir.relative_to(self.dir))})
+        log.info("round %d: trained on %d cases in %.1f s", r, len(cases), time.perf_counter() - t0)
+
+    def _prepare_backend(self, cases: dict[str, TrainingCase]) -> None:
+        """Plan once from the starting data; planning labels carry background instead of the ignore value."""
+        plan_dir = self.dir / "nnunet" / "planning_labels"
+        planning: dict[str, TrainingCase] = {}
+        for cid, case in cases.items():
+            gt = self.ground_truth(cid)
+            mask = annotated_mask(gt.shape, self.annotated_boxes(0)[cid])
+            path = plan_dir / f"{cid}.nii.gz"
+            write_label_nifti(path, np.where(mask, gt, 0).astype(np.uint8), self.ds.geometry(cid))
+            planning[cid] = TrainingCase(case.images, path)
+        self.backend.prepare(planning, self.ds.labels, self.ignore_value)
+
+    def stage_evaluate(self, r: int) -> None:
+        t0 = time.perf_counter()
+        per_case = []
+        preds = self.backend.predict(self.model_dir(r), self.test)
+        for pred in tqdm(preds, total=len(self.test), desc=f"round {r}: evaluate", unit="case", leave=False):
+            seg = np.argmax(pred.probs.mean(axis=0), axis=0)
+            gt = self.ground_truth(pred.case_id)
+            geo = self.ds.geometry(pred.case_id)
+            m = evaluate_case(seg, gt, self.ds.foreground_labels, geo.spacing, self.cfg.slice_axis)
+            m["case_id"] = pred.case_id
+            per_case.append(m)
+        summary = summarise_cases(per_case)
+        summary["cost"] = self.cost(r)
+        summary["round"] = r
+        _write_json_atomic(self.round_dir(r) / "evaluation.json", json_safe({"summary": summary,
+                                                                              "cases": per_case}))
+        self._commit_stage(r, "evaluate", t0, None,
+                           lambda conn: self.state.set_metrics(conn, r, json_safe(summary)))
+        log.info("round %d: held-out Dice %.3f (%s)", r, summary["dice_mean"],
+                 {k: round(v, 3) for k, v in summary["dice_per_class"].items() if v == v})
+
+    def cost(self, r: int) -> dict[str, Any]:
+        import json
+
+        pool_fg = {int(k): v for k, v in json.loads(self.state.get_meta("pool_fg_voxels") or "{}").items()}
+        acc = CostAccumulator(self.ds.foreground_labels, pool_fg or None, self.cfg.slice_axis)
+        boxes = self.annotated_boxes(r)
+        for cid, bs in boxes.items():
+            gt = self.ground_truth(cid)
+            acc.add_case(cid, annotated_mask(gt.shape, bs), gt)
+        return acc.result(sum(len(b) for b in boxes.values()))
+
+    # ------------------------------------------------------------ driver
+    def run(self) -> None:
+        for r in range(self.cfg.rounds):
+            for stage in STAGES:
+                if self.state.stage_done(r, stage):
+                    continue
+                if stage == "evaluate" and (r % self.cfg.evaluate_every) and r != self.cfg.rounds - 1:
+                    continue
+                log.info("round %d: %s", r, stage)
+                getattr(self, f"stage_{stage}")(r)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(json_safe(obj), f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def setup_logging(exp_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(Path(exp_dir) / LOG_FILE)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    return handler
+
+
+def run_experiment(cfg: ExperimentConfig | None, exp_dir: Path,
+                   backend_factory: BackendFactory = default_backend) -> Path:
+    """Create or resume the experiment in ``exp_dir`` and run it to its last round."""
+    exp_dir = Path(exp_dir)
+    try:
+        cfg = open_or_create(cfg, exp_dir)
+    except DatasetError:
+        raise
+    with experiment_lock(exp_dir):
+        handler = setup_logging(exp_dir)
+        try:
+            exp = Experiment(exp_dir, cfg, backend_factory)
+            exp.run()
+            exp.state.close()
+        finally:
+            log.removeHandler(handler)
+            handler.close()
+    return exp_dir
