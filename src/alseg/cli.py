@@ -11,8 +11,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Active learning for biomedical image segmentation on nnU-Net v2.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Active learning for biomedical image segmentation on nnU-Net v2."
+)
 err_console = Console(stderr=True)
 
 
@@ -73,8 +74,15 @@ def _print_status(exp_dir: Path, as_json: bool) -> None:
     for row in data["rounds"]:
         dice = "-" if row["dice_mean"] is None else f"{row['dice_mean']:.3f}"
         per = ", ".join(f"{k}: {'-' if v is None else f'{v:.3f}'}" for k, v in row["dice_per_class"].items())
-        table.add_row(str(row["round"]), str(row["n_regions"]), str(row["annotated_voxels"]),
-                      str(row["annotated_fg_voxels"]), dice, per, ",".join(row["stages_done"]))
+        table.add_row(
+            str(row["round"]),
+            str(row["n_regions"]),
+            str(row["annotated_voxels"]),
+            str(row["annotated_fg_voxels"]),
+            dice,
+            per,
+            ",".join(row["stages_done"]),
+        )
     Console().print(table)
 
 

@@ -23,9 +23,7 @@ from alseg.evaluation.metrics import (
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def brute_force_hd95(
-    pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, ...], mode: str = "pooled"
-) -> float:
+def brute_force_hd95(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, ...], mode: str = "pooled") -> float:
     """Independent reference: 6-connected surfaces + scipy EDT with sampling, pooled 95th percentile."""
 
     def surface(m: np.ndarray) -> np.ndarray:

@@ -80,14 +80,10 @@ def test_ppm_pairs_by_seed_value_not_row_order():
     b = sorted([r for r in rows if r["strategy"] == "B" and r["budget"] == 0], key=lambda r: -r["seed"])
     row_order_p = stats.ttest_rel([r["dice"] for r in a], [r["dice"] for r in b]).pvalue
     assert row_order_p > 0.05  # row-order pairing would see no significant difference
-    by_seed_p = stats.ttest_rel(
-        [r["dice"] for r in a], [r["dice"] for r in sorted(b, key=lambda r: r["seed"])]
-    ).pvalue
+    by_seed_p = stats.ttest_rel([r["dice"] for r in a], [r["dice"] for r in sorted(b, key=lambda r: r["seed"])]).pvalue
     assert by_seed_p < 1e-4
 
-    reordered = [r for r in rows if r["strategy"] != "B"] + list(
-        reversed([r for r in rows if r["strategy"] == "B"])
-    )
+    reordered = [r for r in rows if r["strategy"] != "B"] + list(reversed([r for r in rows if r["strategy"] == "B"]))
     shuffled = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))]
     reference, _ = pairwise_penalty_matrix(rows)
     for variant in (reordered, shuffled, pd.DataFrame(shuffled)):
@@ -197,9 +193,7 @@ def test_mean_std_table():
     rows = []
     for s in SEEDS:
         rows.append({"strategy": "random", "seed": s, "setting": "x", "dice": SEED_EFFECT[s]})
-        rows.append(
-            {"strategy": "better", "seed": s, "setting": "x", "dice": SEED_EFFECT[s] + 0.03 + JITTER[s]}
-        )
+        rows.append({"strategy": "better", "seed": s, "setting": "x", "dice": SEED_EFFECT[s] + 0.03 + JITTER[s]})
         rows.append({"strategy": "same", "seed": s, "setting": "x", "dice": SEED_EFFECT[s] + ZERO_MEAN[s]})
     rows = [rows[i] for i in np.random.default_rng(3).permutation(len(rows))]
     table = {r["strategy"]: r for r in mean_std_table(rows, "dice", baseline="random")}

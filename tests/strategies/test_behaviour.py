@@ -190,9 +190,7 @@ def test_starting_budget_covers_every_class_rarest_first() -> None:
 
 def test_starting_budget_is_the_same_for_every_strategy() -> None:
     pool = make_pool()
-    keys = {
-        k: [r.key for r in starting_budget(make_context(pool, k, seed=3), 10)] for k in ("entropy", "random")
-    }
+    keys = {k: [r.key for r in starting_budget(make_context(pool, k, seed=3), 10)] for k in ("entropy", "random")}
     assert keys["entropy"] == keys["random"]
     other_seed = [r.key for r in starting_budget(make_context(pool, "entropy", seed=4), 10)]
     assert other_seed != keys["entropy"]

@@ -114,9 +114,7 @@ def make_pool(seed: int = 0, n_samples: int = N_SAMPLES, confidence: float = 3.0
         if case_id in RARE_CASES:  # away from the annotated boxes of odd cases
             gt[4:7, 2:5, 16:19] = 2
         ground_truth[case_id] = gt
-        annotated[case_id] = (
-            [Box((0, 0, 0), BOX)] if i % 2 == 0 else [Box((16, 8, 16), BOX), Box((0, 16, 4), BOX)]
-        )
+        annotated[case_id] = [Box((0, 0, 0), BOX)] if i % 2 == 0 else [Box((16, 8, 16), BOX), Box((0, 16, 4), BOX)]
         logits = rng.normal(size=(n_samples, N_CLASSES, *SHAPE)).astype(np.float32) * confidence
         logits[:, 0] += confidence  # mostly confident background
         e = np.exp(logits - logits.max(axis=1, keepdims=True))

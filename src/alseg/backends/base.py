@@ -37,17 +37,18 @@ class SegmentationBackend(Protocol):
 
     name: str
 
-    def prepare(self, planning_cases: Mapping[str, TrainingCase], labels: Mapping[int, str],
-                ignore_value: int) -> None:
+    def prepare(self, planning_cases: Mapping[str, TrainingCase], labels: Mapping[int, str], ignore_value: int) -> None:
         """Plan once from the starting data (idempotent: a second call with plans present does nothing)."""
         ...
 
-    def train(self, cases: Mapping[str, TrainingCase], out_dir: Path, seed: int,
-              init_from: Path | None = None) -> TrainResult:
+    def train(
+        self, cases: Mapping[str, TrainingCase], out_dir: Path, seed: int, init_from: Path | None = None
+    ) -> TrainResult:
         """Train one model on ``cases`` and leave it, complete, in ``out_dir`` (written atomically)."""
         ...
 
-    def predict(self, model_dir: Path, case_ids: Sequence[str], n_samples: int = 1,
-                with_features: bool = False) -> Iterator[CasePrediction]:
+    def predict(
+        self, model_dir: Path, case_ids: Sequence[str], n_samples: int = 1, with_features: bool = False
+    ) -> Iterator[CasePrediction]:
         """Stream predictions case by case: probability samples ``(K, C, *spatial)`` in image geometry."""
         ...

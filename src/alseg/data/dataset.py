@@ -214,9 +214,7 @@ def _check_integrity(path: Path) -> None:
         try:
             img = nib.load(str(path))
             hdr = img.header
-            expected = int(img.dataobj.offset) + int(np.prod(hdr.get_data_shape())) * int(
-                hdr.get_data_dtype().itemsize
-            )
+            expected = int(img.dataobj.offset) + int(np.prod(hdr.get_data_shape())) * int(hdr.get_data_dtype().itemsize)
         except Exception as exc:  # nibabel raises many kinds; any failure here means "unreadable"
             raise _open_error(path, exc) from exc
         if n_bytes is None:
@@ -243,9 +241,7 @@ def _label_array(path: Path, image: sitk.Image) -> np.ndarray:
         bad = arr != rounded
         if np.any(bad):
             examples = sorted({float(v) for v in np.unique(arr[bad])[:5]})
-            raise DatasetError(
-                f"{path}: label has non-integer values {examples}; expected integer label values"
-            )
+            raise DatasetError(f"{path}: label has non-integer values {examples}; expected integer label values")
         arr = rounded
     elif arr.dtype.kind not in "iub":
         raise DatasetError(f"{path}: label has pixel type {arr.dtype}; expected an integer label image")
@@ -346,9 +342,7 @@ class Dataset:
                 )
             arr = sitk.GetArrayFromImage(img)
             if arrays and arr.shape != arrays[0].shape:
-                raise DatasetError(
-                    f"{path}: channel shape {arr.shape}; expected {arrays[0].shape} as in {files[0]}"
-                )
+                raise DatasetError(f"{path}: channel shape {arr.shape}; expected {arrays[0].shape} as in {files[0]}")
             arrays.append(np.asarray(arr, dtype=np.float32))
         return np.stack(arrays, axis=0)
 
@@ -461,8 +455,7 @@ def _load_nnunet(root: Path, meta: dict[str, Any], json_path: Path, require_labe
         for case_id, entry in meta["dataset"].items():
             if not isinstance(entry, dict) or not isinstance(entry.get("images"), list):
                 raise DatasetError(
-                    f"{json_path}: 'dataset' entry {case_id!r} is {entry!r}; "
-                    "expected {'images': [...], 'label': ...}"
+                    f"{json_path}: 'dataset' entry {case_id!r} is {entry!r}; expected {{'images': [...], 'label': ...}}"
                 )
             if len(entry["images"]) != n_ch:
                 raise DatasetError(
@@ -493,8 +486,7 @@ def _load_nnunet(root: Path, meta: dict[str, Any], json_path: Path, require_labe
             channel = int(m["channel"])
             if channel >= n_ch:
                 problems.append(
-                    f"{path}: channel {channel} is not declared; expected channels 0..{n_ch - 1} "
-                    f"({channel_names})"
+                    f"{path}: channel {channel} is not declared; expected channels 0..{n_ch - 1} ({channel_names})"
                 )
                 continue
             found.setdefault(m["case"], set()).add(channel)
@@ -563,9 +555,7 @@ def _load_msd(root: Path, meta: dict[str, Any], json_path: Path, require_labels:
     endings: set[str] = set()
     for i, entry in enumerate(training):
         if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
-            raise DatasetError(
-                f"{json_path}: training entry {i} is {entry!r}; expected {{'image': ..., 'label': ...}}"
-            )
+            raise DatasetError(f"{json_path}: training entry {i} is {entry!r}; expected {{'image': ..., 'label': ...}}")
         image = _rel(root, entry["image"])
         ending = _file_ending(image.name)
         endings.add(ending)
@@ -585,20 +575,14 @@ def _load_msd(root: Path, meta: dict[str, Any], json_path: Path, require_labels:
         else:
             images[case_id] = [image]
         label = entry.get("label")
-        label_paths[case_id] = (
-            _rel(root, label) if isinstance(label, str) else root / "labelsTr" / f"{case_id}{ending}"
-        )
+        label_paths[case_id] = _rel(root, label) if isinstance(label, str) else root / "labelsTr" / f"{case_id}{ending}"
     if len(endings) > 1:
         raise DatasetError(f"{json_path}: mixed file endings {sorted(endings)}; expected a single one")
 
     if not images and not require_labels and (root / "imagesTr").is_dir():
         # Annotation mode without a training list: take the cases from the images.
         for path in sorted((root / "imagesTr").iterdir()):
-            if (
-                path.is_file()
-                and not path.name.startswith(".")
-                and path.name.lower().endswith(_NIFTI_ENDINGS)
-            ):
+            if path.is_file() and not path.name.startswith(".") and path.name.lower().endswith(_NIFTI_ENDINGS):
                 ending = _file_ending(path.name)
                 endings.add(ending)
                 case_id = path.name[: -len(ending)]
@@ -793,9 +777,7 @@ def validate_dataset(
 # --------------------------------------------------------------------------------------------------
 
 
-def split_holdout(
-    case_ids: Iterable[str], fraction: float = 0.25, seed: int = 0
-) -> tuple[list[str], list[str]]:
+def split_holdout(case_ids: Iterable[str], fraction: float = 0.25, seed: int = 0) -> tuple[list[str], list[str]]:
     """Split cases into ``(pool, test)``, both sorted.
 
     The input is sorted first, so the split depends only on the set of ids and the seed. The test

@@ -48,8 +48,7 @@ class Box:
 
     def overlaps(self, other: Box) -> bool:
         return all(
-            a0 < b1 and b0 < a1
-            for a0, a1, b0, b1 in zip(self.start, self.stop, other.start, other.stop, strict=True)
+            a0 < b1 and b0 < a1 for a0, a1, b0, b1 in zip(self.start, self.stop, other.start, other.stop, strict=True)
         )
 
     def to_json(self) -> dict[str, list[int]]:

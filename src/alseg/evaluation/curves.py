@@ -74,9 +74,7 @@ def _nan_fit(a: float, n: int, reason: str) -> FgEffFit:
     return FgEffFit(b=float("nan"), a=a, b_stderr=float("nan"), rmse=float("nan"), n_points=n, reason=reason)
 
 
-def fit_fg_eff_detailed(
-    x: Sequence[float], dice: Sequence[float], c: float, x0: float, d0: float
-) -> FgEffFit:
+def fit_fg_eff_detailed(x: Sequence[float], dice: Sequence[float], c: float, x0: float, d0: float) -> FgEffFit:
     """Fit b >= 0 of Dice(x) = c − a·exp(−b·(x − x0)) with a = c − d0 fixed (nnActive FG-Eff).
 
     ``x`` = fraction of the pool's foreground annotated, pooled over all seeds and rounds of one strategy

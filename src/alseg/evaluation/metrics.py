@@ -114,9 +114,7 @@ def dice_2d(pred: np.ndarray, gt: np.ndarray, labels: Sequence[int], axis: int =
 # --------------------------------------------------------------------------------------------------
 # HD95
 # --------------------------------------------------------------------------------------------------
-def _surface_distances(
-    p: np.ndarray, g: np.ndarray, spacing: Sequence[float]
-) -> tuple[np.ndarray, np.ndarray]:
+def _surface_distances(p: np.ndarray, g: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """Directed surface distances (pred->gt, gt->pred) in mm via MONAI. Both masks must be non-empty."""
     from monai.metrics.utils import get_mask_edges, get_surface_distance
 
@@ -302,9 +300,7 @@ class CostAccumulator:
         self.slice_axis = slice_axis
         if isinstance(pool_fg_voxels, Mapping):
             self.pool_fg_total: int | None = int(sum(int(pool_fg_voxels[lab]) for lab in self.labels))
-            self.pool_fg_per_class: dict[int, int] | None = {
-                lab: int(pool_fg_voxels[lab]) for lab in self.labels
-            }
+            self.pool_fg_per_class: dict[int, int] | None = {lab: int(pool_fg_voxels[lab]) for lab in self.labels}
         else:
             self.pool_fg_total = None if pool_fg_voxels is None else int(pool_fg_voxels)
             self.pool_fg_per_class = None
@@ -341,9 +337,7 @@ class CostAccumulator:
         fg_per_class: dict[str, int] | None = None
         fg_total: int | None = None
         if known:
-            fg_per_class = {
-                str(lab): sum(c[2][lab] for c in self._cases.values() if c[2]) for lab in self.labels
-            }
+            fg_per_class = {str(lab): sum(c[2][lab] for c in self._cases.values() if c[2]) for lab in self.labels}
             fg_total = sum(fg_per_class.values())
         fraction = float("nan")
         fraction_per_class: dict[str, float] | None = None

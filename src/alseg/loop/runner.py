@@ -192,8 +192,7 @@ def default_backend(cfg: ExperimentConfig, ds: Dataset, exp_dir: Path) -> Segmen
 class Experiment:
     """A running experiment: the dataset, its state and the backend."""
 
-    def __init__(self, exp_dir: Path, cfg: ExperimentConfig,
-                 backend_factory: BackendFactory = default_backend) -> None:
+    def __init__(self, exp_dir: Path, cfg: ExperimentConfig, backend_factory: BackendFactory = default_backend) -> None:
         self.dir = Path(exp_dir)
         self.cfg = cfg
         self.ds = load_dataset(cfg.dataset)
@@ -220,8 +219,7 @@ class Experiment:
     # ------------------------------------------------------------ helpers
     def box_sizes(self) -> dict[str, tuple[int, ...]]:
         return {
-            cid: unit_box_size(self.cfg.unit, self.ds.geometry(cid).shape, self.cfg.region_size,
-                               self.cfg.slice_axis)
+            cid: unit_box_size(self.cfg.unit, self.ds.geometry(cid).shape, self.cfg.region_size, self.cfg.slice_axis)
             for cid in self.pool
         }
 
@@ -257,8 +255,14 @@ class Experiment:
             predictions=predictions,
         )
 
-    def _commit_stage(self, r: int, stage: str, t0: float, detail: dict[str, Any] | None = None,
-                      extra: Callable[[Any], None] | None = None) -> None:
+    def _commit_stage(
+        self,
+        r: int,
+        stage: str,
+        t0: float,
+        detail: dict[str, Any] | None = None,
+        extra: Callable[[Any], None] | None = None,
+    ) -> None:
         with self.state.transaction() as conn:
             if extra is not None:
                 extra(conn)
@@ -274,10 +278,10 @@ class Experiment:
             n_samples = max(self.cfg.uncertainty.n_samples, self.strategy.needs.min_samples)
 
             def predictions() -> Iterator[Any]:
-                it = self.backend.predict(model, self.pool, n_samples=n_samples,
-                                          with_features=self.strategy.needs.features)
-                yield from tqdm(it, total=len(self.pool), desc=f"round {r}: predict pool", unit="case",
-                                leave=False)
+                it = self.backend.predict(
+                    model, self.pool, n_samples=n_samples, with_features=self.strategy.needs.features
+                )
+                yield from tqdm(it, total=len(self.pool), desc=f"round {r}: predict pool", unit="case", leave=False)
 
         ctx = QueryContext(
             pool=self.pool_view(r, predictions),
@@ -294,21 +298,33 @@ class Experiment:
             raise ExperimentError(f"round {r}: {err}") from None
         self._check_regions(r, regions, ctx.query_size)
         out = self.round_dir(r) / "query.json"
-        _write_json_atomic(out, {
-            "round": r, "strategy": key, "params": self.strategy.params() if r > 0 else {},
-            "regions": [{"case_id": g.case_id, **g.box.to_json(), "score": g.score, "info": g.info}
-                        for g in regions],
-        })
-        self._commit_stage(r, "query", t0, {"n_regions": len(regions), "strategy": key},
-                           lambda conn: self.state.add_regions(conn, r, regions, key))
+        _write_json_atomic(
+            out,
+            {
+                "round": r,
+                "strategy": key,
+                "params": self.strategy.params() if r > 0 else {},
+                "regions": [
+                    {"case_id": g.case_id, **g.box.to_json(), "score": g.score, "info": g.info} for g in regions
+                ],
+            },
+        )
+        self._commit_stage(
+            r,
+            "query",
+            t0,
+            {"n_regions": len(regions), "strategy": key},
+            lambda conn: self.state.add_regions(conn, r, regions, key),
+        )
         log.info("round %d: %s chose %d regions in %.1f s", r, key, len(regions), time.perf_counter() - t0)
 
     def _check_regions(self, r: int, regions: list[Region], expected: int) -> None:
         if len(regions) != expected:
             raise ExperimentError(f"round {r}: strategy returned {len(regions)} regions, expected {expected}")
         boxes = self.annotated_boxes(r - 1)
-        for i, g in enumerate(regions):
-            if g.case_id not in set(self.pool):
+        pool = set(self.pool)
+        for g in regions:
+            if g.case_id not in pool:
                 raise ExperimentError(f"round {r}: region in case {g.case_id!r}, which is not in the pool")
             if not g.box.inside(self.ds.geometry(g.case_id).shape):
                 raise ExperimentError(f"round {r}: region {g.box} lies outside case {g.case_id}")
@@ -316,7 +332,6 @@ class Experiment:
             if clash:
                 raise ExperimentError(f"round {r}: region {g.box} of {g.case_id} overlaps annotated {clash[0]}")
             boxes[g.case_id].append(g.box)
-        del i
 
     def stage_annotate(self, r: int) -> None:
         """Simulated oracle: the ground truth inside the round's regions, the ignore value elsewhere."""
@@ -335,13 +350,13 @@ class Experiment:
             for sr in chosen:
                 if sr.region.case_id == cid:
                     sel = gt[sr.region.box.slices()]
-                    fg_counts[sr.id] = {str(lab): int(np.count_nonzero(sel == lab))
-                                        for lab in self.ds.foreground_labels}
+                    fg_counts[sr.id] = {
+                        str(lab): int(np.count_nonzero(sel == lab)) for lab in self.ds.foreground_labels
+                    }
 
         def record(conn: Any) -> None:
             for cid, sha in files.items():
-                self.state.add_label_file(conn, r, cid, str((label_dir / f"{cid}.nii.gz").relative_to(self.dir)),
-                                          sha)
+                self.state.add_label_file(conn, r, cid, str((label_dir / f"{cid}.nii.gz").relative_to(self.dir)), sha)
             for sr in chosen:
                 self.state.mark_annotated(conn, sr.id, fg_counts[sr.id], "simulated")
 
@@ -358,8 +373,16 @@ class Experiment:
             self._prepare_backend(cases)
         init = self.model_dir(r - 1) if r > 0 else None
         result = self.backend.train(cases, self.model_dir(r), seed=self.cfg.seed * 1000 + r, init_from=init)
-        self._commit_stage(r, "train", t0, {"n_cases": len(cases), "train_seconds": result.seconds,
-                                            "model_dir": str(result.model_dir.relative_to(self.dir))})
+        self._commit_stage(
+            r,
+            "train",
+            t0,
+            {
+                "n_cases": len(cases),
+                "train_seconds": result.seconds,
+                "model_dir": str(result.model_dir.relative_to(self.dir)),
+            },
+        )
         log.info("round %d: trained on %d cases in %.1f s", r, len(cases), time.perf_counter() - t0)
 
     def _prepare_backend(self, cases: dict[str, TrainingCase]) -> None:
@@ -388,12 +411,14 @@ class Experiment:
         summary = summarise_cases(per_case)
         summary["cost"] = self.cost(r)
         summary["round"] = r
-        _write_json_atomic(self.round_dir(r) / "evaluation.json", json_safe({"summary": summary,
-                                                                              "cases": per_case}))
-        self._commit_stage(r, "evaluate", t0, None,
-                           lambda conn: self.state.set_metrics(conn, r, json_safe(summary)))
-        log.info("round %d: held-out Dice %.3f (%s)", r, summary["dice_mean"],
-                 {k: round(v, 3) for k, v in summary["dice_per_class"].items() if v == v})
+        _write_json_atomic(self.round_dir(r) / "evaluation.json", json_safe({"summary": summary, "cases": per_case}))
+        self._commit_stage(r, "evaluate", t0, None, lambda conn: self.state.set_metrics(conn, r, json_safe(summary)))
+        log.info(
+            "round %d: held-out Dice %.3f (%s)",
+            r,
+            summary["dice_mean"],
+            {k: round(v, 3) for k, v in summary["dice_per_class"].items() if v == v},
+        )
 
     def cost(self, r: int) -> dict[str, Any]:
         import json
@@ -438,8 +463,9 @@ def setup_logging(exp_dir: Path) -> logging.Handler:
     return handler
 
 
-def run_experiment(cfg: ExperimentConfig | None, exp_dir: Path,
-                   backend_factory: BackendFactory = default_backend) -> Path:
+def run_experiment(
+    cfg: ExperimentConfig | None, exp_dir: Path, backend_factory: BackendFactory = default_backend
+) -> Path:
     """Create or resume the experiment in ``exp_dir`` and run it to its last round."""
     exp_dir = Path(exp_dir)
     try:

@@ -127,8 +127,15 @@ class ExperimentState:
         ).fetchone()
         return None if row is None or row[0] is None else json.loads(row[0])
 
-    def mark_stage(self, conn: sqlite3.Connection, round_index: int, stage: str, seconds: float,
-                   peak_rss_mb: float | None = None, detail: dict[str, Any] | None = None) -> None:
+    def mark_stage(
+        self,
+        conn: sqlite3.Connection,
+        round_index: int,
+        stage: str,
+        seconds: float,
+        peak_rss_mb: float | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
         conn.execute(
             "INSERT OR REPLACE INTO stages (round, stage, status, seconds, peak_rss_mb, detail) "
             "VALUES (?, ?, 'done', ?, ?, ?)",
@@ -140,34 +147,48 @@ class ExperimentState:
             "SELECT round, stage, status, seconds, peak_rss_mb, detail FROM stages ORDER BY round, rowid"
         ).fetchall()
         return [
-            {"round": r, "stage": s, "status": st, "seconds": sec, "peak_rss_mb": mem,
-             "detail": json.loads(d) if d else None}
+            {
+                "round": r,
+                "stage": s,
+                "status": st,
+                "seconds": sec,
+                "peak_rss_mb": mem,
+                "detail": json.loads(d) if d else None,
+            }
             for r, s, st, sec, mem, d in rows
         ]
 
     # ------------------------------------------------------------ regions
-    def add_regions(self, conn: sqlite3.Connection, round_index: int, regions: Sequence[Region],
-                    strategy: str) -> None:
+    def add_regions(self, conn: sqlite3.Connection, round_index: int, regions: Sequence[Region], strategy: str) -> None:
         conn.executemany(
             "INSERT INTO regions (round, case_id, box_start, box_size, score, strategy, info, status, n_voxels) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, 'selected', ?)",
             [
-                (round_index, r.case_id, json.dumps(list(r.box.start)), json.dumps(list(r.box.size)),
-                 None if r.score != r.score else float(r.score), strategy, json.dumps(r.info, default=_json_default),
-                 r.box.n_voxels)
+                (
+                    round_index,
+                    r.case_id,
+                    json.dumps(list(r.box.start)),
+                    json.dumps(list(r.box.size)),
+                    None if r.score != r.score else float(r.score),
+                    strategy,
+                    json.dumps(r.info, default=_json_default),
+                    r.box.n_voxels,
+                )
                 for r in regions
             ],
         )
 
-    def mark_annotated(self, conn: sqlite3.Connection, region_id: int, fg_voxels: dict[str, int] | None,
-                       annotated_by: str) -> None:
+    def mark_annotated(
+        self, conn: sqlite3.Connection, region_id: int, fg_voxels: dict[str, int] | None, annotated_by: str
+    ) -> None:
         conn.execute(
             "UPDATE regions SET status = 'annotated', fg_voxels = ?, annotated_by = ? WHERE id = ?",
             (json.dumps(fg_voxels) if fg_voxels is not None else None, annotated_by, region_id),
         )
 
-    def regions(self, round_index: int | None = None, max_round: int | None = None,
-                status: str | None = None) -> list[StoredRegion]:
+    def regions(
+        self, round_index: int | None = None, max_round: int | None = None, status: str | None = None
+    ) -> list[StoredRegion]:
         sql = "SELECT id, round, case_id, box_start, box_size, score, info, status, n_voxels, fg_voxels FROM regions"
         where, args = [], []
         if round_index is not None:
@@ -184,14 +205,17 @@ class ExperimentState:
         sql += " ORDER BY id"
         out = []
         for rid, rnd, cid, start, size, score, info, st, nvox, fg in self.conn.execute(sql, args).fetchall():
-            region = Region(cid, Box(tuple(json.loads(start)), tuple(json.loads(size))),
-                            float("nan") if score is None else score, json.loads(info))
+            region = Region(
+                cid,
+                Box(tuple(json.loads(start)), tuple(json.loads(size))),
+                float("nan") if score is None else score,
+                json.loads(info),
+            )
             out.append(StoredRegion(rid, rnd, region, st, nvox, json.loads(fg) if fg else None))
         return out
 
     # ------------------------------------------------------------ label files
-    def add_label_file(self, conn: sqlite3.Connection, round_index: int, case_id: str, path: str,
-                       sha256: str) -> None:
+    def add_label_file(self, conn: sqlite3.Connection, round_index: int, case_id: str, path: str, sha256: str) -> None:
         conn.execute(
             "INSERT OR REPLACE INTO label_files (round, case_id, path, sha256) VALUES (?, ?, ?, ?)",
             (round_index, case_id, path, sha256),
@@ -205,8 +229,10 @@ class ExperimentState:
 
     # ------------------------------------------------------------ metrics
     def set_metrics(self, conn: sqlite3.Connection, round_index: int, data: dict[str, Any]) -> None:
-        conn.execute("INSERT OR REPLACE INTO metrics (round, data) VALUES (?, ?)",
-                     (round_index, json.dumps(data, default=_json_default)))
+        conn.execute(
+            "INSERT OR REPLACE INTO metrics (round, data) VALUES (?, ?)",
+            (round_index, json.dumps(data, default=_json_default)),
+        )
 
     def metrics(self) -> dict[int, dict[str, Any]]:
         rows = self.conn.execute("SELECT round, data FROM metrics ORDER BY round").fetchall()

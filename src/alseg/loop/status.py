@@ -30,20 +30,22 @@ def experiment_status(exp_dir: Path) -> dict[str, Any]:
         fg = [sum(v for v in (g.fg_voxels or {}).values()) for g in upto]
         m = metrics.get(r, {})
         cost = m.get("cost", {})
-        rows.append({
-            "round": r,
-            "n_regions": len(upto),
-            "n_regions_added": sum(1 for g in regions if g.round == r),
-            "annotated_voxels": sum(g.n_voxels for g in upto),
-            "annotated_fg_voxels": sum(fg),
-            "fg_fraction": cost.get("fg_fraction"),
-            "dice_mean": m.get("dice_mean"),
-            "dice_per_class": m.get("dice_per_class", {}),
-            "dice2d_mean": m.get("dice2d_mean"),
-            "hd95_mean": m.get("hd95_mean"),
-            "stages_done": [s["stage"] for s in stages if s["round"] == r and s["status"] == "done"],
-            "seconds": {s["stage"]: s["seconds"] for s in stages if s["round"] == r},
-        })
+        rows.append(
+            {
+                "round": r,
+                "n_regions": len(upto),
+                "n_regions_added": sum(1 for g in regions if g.round == r),
+                "annotated_voxels": sum(g.n_voxels for g in upto),
+                "annotated_fg_voxels": sum(fg),
+                "fg_fraction": cost.get("fg_fraction"),
+                "dice_mean": m.get("dice_mean"),
+                "dice_per_class": m.get("dice_per_class", {}),
+                "dice2d_mean": m.get("dice2d_mean"),
+                "hd95_mean": m.get("hd95_mean"),
+                "stages_done": [s["stage"] for s in stages if s["round"] == r and s["status"] == "done"],
+                "seconds": {s["stage"]: s["seconds"] for s in stages if s["round"] == r},
+            }
+        )
     return {
         "experiment": str(exp_dir),
         "strategy": cfg.strategy,

@@ -121,9 +121,7 @@ class ForegroundSampler:
 
     def __init__(self, pool: PoolView) -> None:
         if pool.ground_truth is None:
-            raise ValueError(
-                "this strategy reads the ground truth, but the pool view has none (simulation only)"
-            )
+            raise ValueError("this strategy reads the ground truth, but the pool view has none (simulation only)")
         self.pool = pool
         self._ground_truth = pool.ground_truth
         self._states: dict[str, _CaseState] = {}
@@ -136,12 +134,9 @@ class ForegroundSampler:
             shape, box = tuple(pool.shapes[case_id]), tuple(pool.box_size(case_id))
             labels = np.asarray(self._ground_truth(case_id))
             if labels.shape != shape:
-                raise ValueError(
-                    f"ground truth of case {case_id!r} has shape {labels.shape}, expected {shape}"
-                )
+                raise ValueError(f"ground truth of case {case_id!r} has shape {labels.shape}, expected {shape}")
             clamp = tuple(
-                np.clip(np.arange(n) - s // 2, 0, n - s).astype(np.intp)
-                for n, s in zip(shape, box, strict=True)
+                np.clip(np.arange(n) - s // 2, 0, n - s).astype(np.intp) for n, s in zip(shape, box, strict=True)
             )
             free = free_positions(pool.annotated(case_id), box, 1)
             self._states[case_id] = _CaseState(labels, box, free, clamp)
@@ -166,9 +161,7 @@ class ForegroundSampler:
             self._present[case_id] = {int(v) for v in np.unique(labels)}
         return self._present[case_id]
 
-    def draw_voxel(
-        self, case_id: str, mask: np.ndarray | None, rng: np.random.Generator
-    ) -> tuple[int, ...] | None:
+    def draw_voxel(self, case_id: str, mask: np.ndarray | None, rng: np.random.Generator) -> tuple[int, ...] | None:
         """A uniform voxel of ``mask`` (all when None) whose centred box is free; None if there is none."""
         state = self.state(case_id)
         eligible = state.eligible if mask is None else state.eligible & mask
@@ -193,9 +186,7 @@ class ForegroundSampler:
         state.take(start)
         return start
 
-    def draw_centred(
-        self, case_id: str, kind: str, rng: np.random.Generator
-    ) -> tuple[tuple[int, ...], dict[str, Any]]:
+    def draw_centred(self, case_id: str, kind: str, rng: np.random.Generator) -> tuple[tuple[int, ...], dict[str, Any]]:
         """A free centre of ``kind`` in a case (which must have a free position), with its explanation.
 
         For 'class' / 'border' the class is drawn uniformly among the foreground classes present in the
@@ -207,10 +198,7 @@ class ForegroundSampler:
             present = self.present_labels(case_id)
             classes = []
             for label in self.pool.foreground_labels:
-                if (
-                    label in present
-                    and (self.class_mask(case_id, label, kind) & self.state(case_id).eligible).any()
-                ):
+                if label in present and (self.class_mask(case_id, label, kind) & self.state(case_id).eligible).any():
                     classes.append(int(label))
             if classes:
                 label = classes[int(rng.integers(len(classes)))]
@@ -272,9 +260,7 @@ class RandomForegroundStrategy:
     p_border: float = FG33[2]
 
     key: ClassVar[str] = "random_fg33"
-    description: ClassVar[str] = (
-        "boxes centred on uniform / foreground / border voxels, 4/6 : 1/6 : 1/6 (reads GT)"
-    )
+    description: ClassVar[str] = "boxes centred on uniform / foreground / border voxels, 4/6 : 1/6 : 1/6 (reads GT)"
     needs: ClassVar[Needs] = Needs(ground_truth=True)
 
     def params(self) -> dict[str, Any]:

@@ -30,9 +30,7 @@ def preset(base: type[T], key: str, description: str, **defaults: Any) -> type[T
     names = {f.name: f for f in dataclasses.fields(base)}  # type: ignore[arg-type]
     unknown = sorted(set(defaults) - set(names))
     if unknown:
-        raise ValueError(
-            f"preset {key!r}: {base.__name__} has no parameter(s) {unknown}; valid: {sorted(names)}"
-        )
+        raise ValueError(f"preset {key!r}: {base.__name__} has no parameter(s) {unknown}; valid: {sorted(names)}")
     fields = [(n, names[n].type, dataclasses.field(default=v)) for n, v in defaults.items()]
     cls_name = "".join(part.capitalize() for part in key.split("_")) + "Strategy"
     cls = dataclasses.make_dataclass(
@@ -73,9 +71,7 @@ def get_strategy(key: str, params: Mapping[str, Any] | None = None) -> Strategy:
     unknown = sorted(set(params) - set(valid))
     if unknown:
         expected = ", ".join(valid) if valid else "none"
-        raise ValueError(
-            f"strategy {key!r} has no parameter(s) {', '.join(unknown)}; its parameters: {expected}"
-        )
+        raise ValueError(f"strategy {key!r} has no parameter(s) {', '.join(unknown)}; its parameters: {expected}")
     return cls(**params)
 
 

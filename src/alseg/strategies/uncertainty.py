@@ -43,9 +43,7 @@ def score_pool(
         shape = tuple(pool.shapes[case_id])
         probs = np.asarray(pred.probs)
         if probs.ndim != 2 + len(shape) or probs.shape[2:] != shape:
-            raise ValueError(
-                f"probabilities of case {case_id!r} have shape {probs.shape}, expected (K, C, *{shape})"
-            )
+            raise ValueError(f"probabilities of case {case_id!r} have shape {probs.shape}, expected (K, C, *{shape})")
         if probs.shape[0] < min_samples:
             raise ValueError(
                 f"probabilities of case {case_id!r} have K = {probs.shape[0]} samples, this measure needs "

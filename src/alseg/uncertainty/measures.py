@@ -105,9 +105,7 @@ def class_weighted_variance(probs: np.ndarray, weights: Mapping[int, float] | Se
     out = np.zeros(spatial, dtype=np.float32)
     for c, w in items:
         if not 0 <= c < n_classes:
-            raise ValueError(
-                f"class weight for channel {c}, but probabilities have channels 0..{n_classes - 1}"
-            )
+            raise ValueError(f"class weight for channel {c}, but probabilities have channels 0..{n_classes - 1}")
         if not np.isfinite(w):
             raise ValueError(f"class weight for channel {c} is {w}; weights must be finite")
         if w == 0:

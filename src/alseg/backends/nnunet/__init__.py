@@ -25,5 +25,11 @@ def make_backend(cfg: ExperimentConfig, ds: Dataset, workspace: Path) -> NnUNetB
     def read_image(case_id: str) -> tuple:
         return ds.read_image(case_id), ds.geometry(case_id).spacing
 
-    return NnUNetBackend(workspace, read_image, configuration=cfg.configuration or "3d_fullres", profile=profile,
-                         device=cfg.device, num_threads=cfg.num_threads)
+    return NnUNetBackend(
+        workspace,
+        read_image,
+        configuration=cfg.configuration or "3d_fullres",
+        profile=profile,
+        device=cfg.device,
+        num_threads=cfg.num_threads,
+    )

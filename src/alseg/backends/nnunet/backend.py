@@ -127,7 +127,11 @@ class NnUNetBackend:
         with open(log_file, "w") as log:
             proc = subprocess.run(
                 [sys.executable, "-m", "alseg.backends.nnunet.worker", command, str(spec_file)],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work, preexec_fn=_die_with_parent,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=work,
+                preexec_fn=_die_with_parent,
                 check=False,
             )
         if proc.returncode != 0:
@@ -135,8 +139,9 @@ class NnUNetBackend:
             raise BackendError(f"nnU-Net {command} failed (exit {proc.returncode}); see {log_file}:\n{tail}")
 
     # ------------------------------------------------------------------ protocol
-    def _dataset_json(self, labels: Mapping[int, str], ignore_value: int | None, n: int,
-                      n_channels: int) -> dict[str, Any]:
+    def _dataset_json(
+        self, labels: Mapping[int, str], ignore_value: int | None, n: int, n_channels: int
+    ) -> dict[str, Any]:
         names: dict[str, int] = {}
         for value, name in sorted(labels.items()):
             key = "background" if value == 0 else str(name)
@@ -152,8 +157,7 @@ class NnUNetBackend:
             "file_ending": ".nii.gz",
         }
 
-    def prepare(self, planning_cases: Mapping[str, TrainingCase], labels: Mapping[int, str],
-                ignore_value: int) -> None:
+    def prepare(self, planning_cases: Mapping[str, TrainingCase], labels: Mapping[int, str], ignore_value: int) -> None:
         """Fingerprint and plan from ``planning_cases`` (labels without the ignore value), once."""
         if self.plans_file.exists() and self.dataset_json_file.exists():
             return
@@ -186,8 +190,9 @@ class NnUNetBackend:
         shutil.rmtree(work, ignore_errors=True)
         self.log(f"nnU-Net planned from {len(planning_cases)} cases in {time.perf_counter() - t0:.1f} s")
 
-    def train(self, cases: Mapping[str, TrainingCase], out_dir: Path, seed: int,
-              init_from: Path | None = None) -> TrainResult:
+    def train(
+        self, cases: Mapping[str, TrainingCase], out_dir: Path, seed: int, init_from: Path | None = None
+    ) -> TrainResult:
         out_dir = Path(out_dir)
         if (out_dir / MODEL_COMPLETE).exists():
             report = json.loads((out_dir / MODEL_COMPLETE).read_text())
@@ -212,8 +217,9 @@ class NnUNetBackend:
             "dataset_json": dataset_json,
             "configuration": configuration,
             "dataset_name": DATASET_NAME,
-            "cases": {cid: {"images": [str(p) for p in c.images], "label": str(c.label)}
-                      for cid, c in sorted(cases.items())},
+            "cases": {
+                cid: {"images": [str(p) for p in c.images], "label": str(c.label)} for cid, c in sorted(cases.items())
+            },
             "seed": int(seed),
             "num_threads": self.num_threads,
             "device": resolve_device(self.device),
@@ -229,8 +235,12 @@ class NnUNetBackend:
         trained.rename(model)
         (model / "fold_all" / "checkpoint_best.pth").unlink(missing_ok=True)
         shutil.copyfile(work / "train.log", model / "train.log")
-        report.update(configuration=configuration, profile=self.profile.name, seconds=time.perf_counter() - t0,
-                      init_from=str(init_from) if init_ckpt else None)
+        report.update(
+            configuration=configuration,
+            profile=self.profile.name,
+            seconds=time.perf_counter() - t0,
+            init_from=str(init_from) if init_ckpt else None,
+        )
         (model / MODEL_COMPLETE).write_text(json.dumps(report, indent=2))
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -238,8 +248,9 @@ class NnUNetBackend:
         shutil.rmtree(work, ignore_errors=True)
         return TrainResult(out_dir, float(report["train_seconds"]), report)
 
-    def predict(self, model_dir: Path, case_ids: Sequence[str], n_samples: int = 1,
-                with_features: bool = False) -> Iterator[CasePrediction]:
+    def predict(
+        self, model_dir: Path, case_ids: Sequence[str], n_samples: int = 1, with_features: bool = False
+    ) -> Iterator[CasePrediction]:
         if n_samples != 1 or with_features:
             raise NotImplementedError(
                 "the nnU-Net backend gives one softmax sample without features so far; "
@@ -249,8 +260,11 @@ class NnUNetBackend:
         for case_id in case_ids:
             image, spacing = self.read_image(case_id)
             _, probs = predictor.predict_single_npy_array(
-                np.ascontiguousarray(image, dtype=np.float32), {"spacing": [float(s) for s in spacing]},
-                None, None, True,
+                np.ascontiguousarray(image, dtype=np.float32),
+                {"spacing": [float(s) for s in spacing]},
+                None,
+                None,
+                True,
             )
             yield CasePrediction(case_id, np.asarray(probs, dtype=np.float32)[None])
 
@@ -262,11 +276,16 @@ class NnUNetBackend:
             from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
         device = resolve_device(self.device)
         predictor = nnUNetPredictor(
-            tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
-            perform_everything_on_device=device != "cpu", device=torch.device(device), verbose=False,
+            tile_step_size=0.5,
+            use_gaussian=True,
+            use_mirroring=False,
+            perform_everything_on_device=device != "cpu",
+            device=torch.device(device),
+            verbose=False,
             allow_tqdm=False,
         )
         with contextlib.redirect_stdout(io.StringIO()):
-            predictor.initialize_from_trained_model_folder(str(model_dir), use_folds=("all",),
-                                                           checkpoint_name="checkpoint_final.pth")
+            predictor.initialize_from_trained_model_folder(
+                str(model_dir), use_folds=("all",), checkpoint_name="checkpoint_final.pth"
+            )
         return predictor

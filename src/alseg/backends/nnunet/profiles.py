@@ -80,7 +80,7 @@ def derive_configuration(plans: dict[str, Any], base: str, profile: Profile) -> 
     name = base + profile.configuration_suffix
     arch = copy.deepcopy(_resolved(plans, base)["architecture"])
     kw = arch["arch_kwargs"]
-    feats = [max(4, int(round(f * profile.feature_scale))) for f in kw["features_per_stage"]]
+    feats = [max(4, round(f * profile.feature_scale)) for f in kw["features_per_stage"]]
     if profile.max_features is not None:
         feats = [min(f, profile.max_features) for f in feats]
     kw["features_per_stage"] = feats

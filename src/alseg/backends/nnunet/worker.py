@@ -49,12 +49,16 @@ def plan(spec: dict[str, Any]) -> None:
     raw = Path(os.environ["nnUNet_raw"]) / spec["dataset_name"]
     _write_json(raw / "dataset.json", spec["planning_dataset_json"])
     extract_fingerprint_dataset(
-        spec["dataset_id"], num_processes=int(spec.get("num_processes", 2)), clean=True, verbose=False,
+        spec["dataset_id"],
+        num_processes=int(spec.get("num_processes", 2)),
+        clean=True,
+        verbose=False,
         show_progress_bar=False,
     )
     _, plans_identifier = plan_experiment_dataset(spec["dataset_id"])
     pre = Path(os.environ["nnUNet_preprocessed"]) / spec["dataset_name"]
-    for src, dst in ((f"{plans_identifier}.json", spec["plans_out"]), ("dataset_fingerprint.json", spec["fingerprint_out"])):
+    outputs = ((f"{plans_identifier}.json", spec["plans_out"]), ("dataset_fingerprint.json", spec["fingerprint_out"]))
+    for src, dst in outputs:
         Path(dst).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(pre / src, Path(dst).with_suffix(".tmp"))
         os.replace(Path(dst).with_suffix(".tmp"), dst)
@@ -94,8 +98,9 @@ def train(spec: dict[str, Any]) -> None:
 
     device = torch.device(spec.get("device", "cpu"))
     plans["continue_training"] = False  # nnU-Net 2.8 passes this flag through the plans dict
-    trainer = nnUNetTrainer(plans=plans, configuration=configuration, fold="all", dataset_json=dataset_json,
-                            device=device)
+    trainer = nnUNetTrainer(
+        plans=plans, configuration=configuration, fold="all", dataset_json=dataset_json, device=device
+    )
     schedule = spec["schedule"]
     trainer.num_epochs = int(schedule["epochs"])
     trainer.num_iterations_per_epoch = int(schedule["iterations_per_epoch"])
