@@ -21,6 +21,7 @@ import logging
 import os
 import resource
 import shutil
+import signal
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -48,6 +49,19 @@ LOG_FILE = "alseg.log"
 STAGES = ("query", "annotate", "train", "evaluate")
 
 log = logging.getLogger("alseg")
+
+KILL_ENV = "ALSEG_KILL_AT"
+
+
+def fault_point(name: str, round_index: int) -> None:
+    """Crash-safety testing hook: SIGKILL this process at ``name`` when ``ALSEG_KILL_AT`` names it.
+
+    ``ALSEG_KILL_AT="query.before_commit:1"`` kills the process just before round 1's query commits. Tests
+    use it to prove that a kill at any point leaves a resumable experiment; it does nothing otherwise.
+    """
+    target = os.environ.get(KILL_ENV)
+    if target and target == f"{name}:{round_index}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class ExperimentError(RuntimeError):
@@ -297,6 +311,7 @@ class Experiment:
         except NotEnoughCandidatesError as err:
             raise ExperimentError(f"round {r}: {err}") from None
         self._check_regions(r, regions, ctx.query_size)
+        fault_point("query.selected", r)
         out = self.round_dir(r) / "query.json"
         _write_json_atomic(
             out,
@@ -309,6 +324,7 @@ class Experiment:
                 ],
             },
         )
+        fault_point("query.before_commit", r)
         self._commit_stage(
             r,
             "query",
@@ -360,6 +376,7 @@ class Experiment:
             for sr in chosen:
                 self.state.mark_annotated(conn, sr.id, fg_counts[sr.id], "simulated")
 
+        fault_point("annotate.before_commit", r)
         self._commit_stage(r, "annotate", t0, {"cases": len(changed)}, record)
 
     def training_cases(self, r: int) -> dict[str, TrainingCase]:
@@ -373,6 +390,7 @@ class Experiment:
             self._prepare_backend(cases)
         init = self.model_dir(r - 1) if r > 0 else None
         result = self.backend.train(cases, self.model_dir(r), seed=self.cfg.seed * 1000 + r, init_from=init)
+        fault_point("train.before_commit", r)
         self._commit_stage(
             r,
             "train",
@@ -408,6 +426,7 @@ class Experiment:
             m = evaluate_case(seg, gt, self.ds.foreground_labels, geo.spacing, self.cfg.slice_axis)
             m["case_id"] = pred.case_id
             per_case.append(m)
+            fault_point("evaluate.predicting", r)
         summary = summarise_cases(per_case)
         summary["cost"] = self.cost(r)
         summary["round"] = r

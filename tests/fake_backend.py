@@ -1,0 +1,138 @@
+"""A SegmentationBackend without nnU-Net, for fast loop tests.
+
+A plain module (not a conftest) so that a subprocess can import it: ``sys.path.insert(0, TESTS_DIR)`` then
+``from fake_backend import make_fake_backend``.
+
+* ``prepare`` writes a marker file (``nnunet/fake_prepared.json``) recording the planning cases.
+* ``train`` records which cases and label files it got (with the label files' SHA-256) in
+  ``out_dir/alseg_model.json``, written atomically: into ``out_dir.name + '.partial'`` and then renamed.
+* ``predict`` yields probabilities ``(K, C, *spatial)`` built deterministically from the ground truth of the
+  case: the one-hot label smoothed by a per-voxel amount (< 0.5, so argmax is the ground truth) drawn from a
+  generator seeded by the case id and the model's training seed. Uncertainty strategies therefore see
+  varying, reproducible scores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from alseg.backends.base import TrainingCase, TrainResult
+from alseg.config import ExperimentConfig
+from alseg.data.dataset import Dataset
+from alseg.strategies.base import CasePrediction
+
+MODEL_FILE = "alseg_model.json"
+PREPARED_FILE = "fake_prepared.json"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class FakeBackend:
+    """Implements :class:`alseg.backends.base.SegmentationBackend` from the ground truth of the dataset."""
+
+    name = "fake"
+
+    def __init__(self, cfg: ExperimentConfig, ds: Dataset, exp_dir: Path) -> None:
+        self.cfg = cfg
+        self.ds = ds
+        self.exp_dir = Path(exp_dir)
+        self.work_dir = self.exp_dir / "nnunet"
+        self.calls: list[tuple[str, Any]] = []
+
+    # ------------------------------------------------------------------ protocol
+    def prepare(self, planning_cases: Mapping[str, TrainingCase], labels: Mapping[int, str], ignore_value: int) -> None:
+        self.calls.append(("prepare", sorted(planning_cases)))
+        marker = self.work_dir / PREPARED_FILE
+        if marker.exists():
+            return
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        data = {
+            "cases": {cid: str(case.label) for cid, case in sorted(planning_cases.items())},
+            "labels": {str(k): v for k, v in labels.items()},
+            "ignore_value": int(ignore_value),
+        }
+        tmp = marker.with_name(marker.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, marker)
+
+    def train(
+        self, cases: Mapping[str, TrainingCase], out_dir: Path, seed: int, init_from: Path | None = None
+    ) -> TrainResult:
+        t0 = time.perf_counter()
+        self.calls.append(("train", sorted(cases)))
+        out_dir = Path(out_dir)
+        if not cases:
+            raise ValueError("FakeBackend.train: no training cases")
+        if init_from is not None and not (Path(init_from) / MODEL_FILE).is_file():
+            raise FileNotFoundError(f"FakeBackend.train: init_from {init_from} holds no model")
+        record = {
+            "seed": int(seed),
+            "init_from": None if init_from is None else str(init_from),
+            "cases": {
+                cid: {
+                    "images": [str(p) for p in case.images],
+                    "label": str(case.label),
+                    "label_sha256": _sha256(case.label),
+                }
+                for cid, case in sorted(cases.items())
+            },
+        }
+        partial = out_dir.with_name(out_dir.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        with open(partial / MODEL_FILE, "w") as f:
+            json.dump(record, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if out_dir.exists():  # a model left by a run killed before its train stage committed
+            shutil.rmtree(out_dir)
+        os.replace(partial, out_dir)
+        return TrainResult(out_dir, time.perf_counter() - t0, {"n_cases": len(cases)})
+
+    def predict(
+        self, model_dir: Path, case_ids: Sequence[str], n_samples: int = 1, with_features: bool = False
+    ) -> Iterator[CasePrediction]:
+        model_file = Path(model_dir) / MODEL_FILE
+        if not model_file.is_file():
+            raise FileNotFoundError(f"FakeBackend.predict: {model_dir} holds no model")
+        model_seed = int(json.loads(model_file.read_text())["seed"])
+        case_ids = list(case_ids)
+        self.calls.append(("predict", case_ids))
+        for cid in case_ids:
+            yield CasePrediction(cid, self.probabilities(cid, model_seed, n_samples))
+
+    # ------------------------------------------------------------------ helpers
+    def probabilities(self, case_id: str, model_seed: int, n_samples: int = 1) -> np.ndarray:
+        gt = self.ds.read_label(case_id)
+        shape = self.ds.geometry(case_id).shape
+        assert gt.shape == shape, (case_id, gt.shape, shape)
+        n_classes = max(self.ds.labels) + 1
+        rng = np.random.default_rng([zlib.crc32(case_id.encode()), model_seed & 0xFFFFFFFF])
+        onehot = np.eye(n_classes, dtype=np.float32)[gt.astype(np.int64)]  # (*spatial, C)
+        onehot = np.moveaxis(onehot, -1, 0)  # (C, *spatial)
+        samples = []
+        for _ in range(n_samples):
+            eps = rng.uniform(0.0, 0.45, size=shape).astype(np.float32)
+            samples.append(onehot * (1.0 - eps) + eps / n_classes)
+        return np.stack(samples, axis=0)
+
+
+def make_fake_backend(cfg: ExperimentConfig, ds: Dataset, exp_dir: Path) -> FakeBackend:
+    """A backend factory for ``run_experiment(cfg, exp_dir, backend_factory=make_fake_backend)``."""
+    return FakeBackend(cfg, ds, exp_dir)
+
+
+def read_model(model_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(model_dir) / MODEL_FILE).read_text())
