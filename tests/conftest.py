@@ -18,10 +18,9 @@ TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
-from fake_backend import FakeBackend, make_fake_backend  # noqa: E402
-
 from alseg.config import ExperimentConfig  # noqa: E402
 from alseg.data.dataset import Dataset, demo_dataset_path  # noqa: E402
+from fake_backend import FakeBackend, make_fake_backend  # noqa: E402
 
 SYN_SHAPE = (24, 28, 20)  # z, y, x (array order)
 SYN_SPACING = (1.5, 1.0, 1.25)  # array order

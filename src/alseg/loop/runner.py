@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from alseg.backends.base import SegmentationBackend, TrainingCase
 from alseg.config import ConfigError, ExperimentConfig, dump_config, load_config
-from alseg.data.dataset import Dataset, DatasetError, load_dataset, split_holdout, validate_dataset
+from alseg.data.dataset import Dataset, load_dataset, split_holdout, validate_dataset
 from alseg.data.labels import partial_label, write_label_nifti
 from alseg.data.regions import Region, annotated_mask, default_region_size, unit_box_size
 from alseg.evaluation.metrics import CostAccumulator, evaluate_case, json_safe, summarise_cases
@@ -487,10 +487,7 @@ def run_experiment(
 ) -> Path:
     """Create or resume the experiment in ``exp_dir`` and run it to its last round."""
     exp_dir = Path(exp_dir)
-    try:
-        cfg = open_or_create(cfg, exp_dir)
-    except DatasetError:
-        raise
+    cfg = open_or_create(cfg, exp_dir)
     with experiment_lock(exp_dir):
         handler = setup_logging(exp_dir)
         try:

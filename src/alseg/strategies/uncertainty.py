@@ -7,7 +7,7 @@ The best ``query_size`` candidates over all cases are the query.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -22,20 +22,34 @@ from alseg.uncertainty.measures import bald, mean_std, predictive_entropy
 VoxelMap = Callable[[np.ndarray], np.ndarray]
 
 
-def score_pool(
-    ctx: QueryContext,
-    voxel_map: VoxelMap,
-    info: Mapping[str, Any] | None = None,
-    min_samples: int = 1,
-) -> list[Candidate]:
-    """Per case: ``voxel_map`` → box means → greedy non-overlapping free boxes (≤ ``ctx.n_per_case``).
+@dataclass
+class CaseGrid:
+    """One pool case as a scoring strategy sees it: probability samples and its grid of free box starts.
 
-    Streams ``ctx.pool.predictions()`` and keeps only the candidates, never the maps.
+    ``free`` is the case's stride grid, True where a box shares no voxel with annotated voxels; it is meant to
+    be shared (and updated in place by :func:`greedy_nms`) by every selection made in the case.
     """
+
+    case_id: str
+    probs: np.ndarray  # (K, C, *spatial)
+    box_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    free: np.ndarray
+
+    def box_means(self, voxel_map: np.ndarray) -> np.ndarray:
+        """Mean of a voxel map over every box on the case's stride grid."""
+        return box_means(voxel_map, self.box_size, self.stride)
+
+    def grid_index(self, start: Sequence[int]) -> tuple[int, ...]:
+        """The grid index of a box start (a multiple of the stride)."""
+        return tuple(int(p) // int(st) for p, st in zip(start, self.stride, strict=True))
+
+
+def stream_cases(ctx: QueryContext, min_samples: int = 1) -> Iterator[CaseGrid]:
+    """Stream ``ctx.pool.predictions()`` as checked :class:`CaseGrid` objects, one case at a time."""
     pool = ctx.pool
     if pool.predictions is None:
         raise ValueError("this strategy needs probability samples, but the pool view has no predictions")
-    candidates: list[Candidate] = []
     for pred in pool.predictions():
         case_id = pred.case_id
         if case_id not in pool.shapes:
@@ -49,10 +63,27 @@ def score_pool(
                 f"probabilities of case {case_id!r} have K = {probs.shape[0]} samples, this measure needs "
                 f"K >= {min_samples}"
             )
-        box, stride = pool.box_size(case_id), pool.case_stride(case_id)
-        scores = box_means(voxel_map(probs), box, stride)
+        box, stride = tuple(pool.box_size(case_id)), tuple(pool.case_stride(case_id))
         free = free_positions(pool.annotated(case_id), box, stride)
-        candidates.extend(greedy_nms(case_id, scores, box, stride, free, ctx.n_per_case, dict(info or {})))
+        yield CaseGrid(case_id, probs, box, stride, free)
+
+
+def score_pool(
+    ctx: QueryContext,
+    voxel_map: VoxelMap,
+    info: Mapping[str, Any] | None = None,
+    min_samples: int = 1,
+) -> list[Candidate]:
+    """Per case: ``voxel_map`` → box means → greedy non-overlapping free boxes (≤ ``ctx.n_per_case``).
+
+    Streams ``ctx.pool.predictions()`` and keeps only the candidates, never the maps.
+    """
+    candidates: list[Candidate] = []
+    for case in stream_cases(ctx, min_samples):
+        scores = case.box_means(voxel_map(case.probs))
+        candidates.extend(
+            greedy_nms(case.case_id, scores, case.box_size, case.stride, case.free, ctx.n_per_case, dict(info or {}))
+        )
     return candidates
 
 

@@ -1,0 +1,55 @@
+"""Shared helpers of the benchmark scripts: provenance and the one-JSON-line result convention."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def shared_hippocampus() -> Path | None:
+    """The full Hippocampus dataset beside the checkout (``../shared``), if present."""
+    for cand in (ROOT.parent / "shared" / "datasets" / "hippocampus", Path("/work/shared/datasets/hippocampus")):
+        if (cand / "dataset.json").exists():
+            return cand
+    return None
+
+
+def provenance() -> dict[str, Any]:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout.strip()
+        )
+    except OSError:
+        commit, dirty = "unknown", True
+    return {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "commit": commit + ("+dirty" if dirty else ""),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}",
+    }
+
+
+def save_result(name: str, data: dict[str, Any]) -> None:
+    """Save ``data`` (with provenance) under benchmarks/results/NAME.json and print it as the last line."""
+    out = {**data, "provenance": provenance()}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out))

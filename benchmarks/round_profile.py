@@ -1,0 +1,122 @@
+"""Wall time and peak memory per stage of one active-learning round on the CPU demo settings.
+
+Runs the demo setting (bundled 40 Hippocampus cases, cpu profile, 20 boxes of 20^3 per round) for two rounds
+with ``entropy`` so that round 1 has every stage: predict the pool with the round-0 model, score
+(predictive entropy, box means, per-case non-overlap), select (global top-k), annotate, train, evaluate.
+Predict, score and select are then timed separately on the same model and pool. Target (issue 2): the query
+stages (predict + score + select) take at most 25% of the round.
+
+Peak memory: this process's peak RSS is reset before each stage (Linux ``/proc/self/clear_refs``); training
+runs in a child process whose peak RSS is reported separately.
+
+    python benchmarks/round_profile.py [--strategy entropy] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import save_result
+
+
+def reset_peak() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    from alseg.demo import demo_config
+    from alseg.loop.runner import Experiment, run_experiment
+    from alseg.scoring.boxes import top_k
+    from alseg.strategies.base import QueryContext
+    from alseg.strategies.uncertainty import score_pool
+    from alseg.uncertainty.measures import predictive_entropy
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--strategy", default="entropy")
+    p.add_argument("--work", type=Path, default=Path("/tmp/alseg_round_profile"))
+    args = p.parse_args()
+    shutil.rmtree(args.work, ignore_errors=True)
+    cfg = demo_config(strategy=args.strategy, rounds=2, seed=0)
+    exp_dir = args.work / "exp"
+    t0 = time.perf_counter()
+    run_experiment(cfg, exp_dir)
+    total = time.perf_counter() - t0
+
+    exp = Experiment(exp_dir, cfg)
+    stages = {s["stage"]: s for s in exp.state.stages() if s["round"] == 1}
+    train_child_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+    # the query of round 1 again, stage by stage, with the round-0 model
+    model = exp.model_dir(0)
+    pool = exp.pool
+    reset_peak()
+    t = time.perf_counter()
+    preds = list(exp.backend.predict(model, pool))
+    predict_s, predict_mb = time.perf_counter() - t, peak_mb()
+    del preds  # scoring below streams again, as the loop does; predictions are not kept
+
+    def stream():
+        yield from exp.backend.predict(model, pool)
+
+    ctx = QueryContext(
+        pool=exp.pool_view(1, stream),
+        query_size=cfg.query_size,
+        round_index=1,
+        n_rounds=cfg.rounds,
+        seed=cfg.seed,
+        strategy_key=args.strategy,
+        n_per_case=cfg.n_per_case,
+    )
+    reset_peak()
+    t = time.perf_counter()
+    candidates = score_pool(ctx, predictive_entropy)
+    predict_and_score_s, score_mb = time.perf_counter() - t, peak_mb()
+    score_s = max(0.0, predict_and_score_s - predict_s)
+    reset_peak()
+    t = time.perf_counter()
+    chosen = top_k(candidates, cfg.query_size)
+    select_s, select_mb = time.perf_counter() - t, peak_mb()
+    assert len(chosen) == cfg.query_size
+
+    round_s = sum(stages[s]["seconds"] for s in ("query", "annotate", "train", "evaluate"))
+    query_s = stages["query"]["seconds"]
+    result = {
+        "strategy": args.strategy,
+        "pool_cases": len(pool),
+        "test_cases": len(exp.test),
+        "round_seconds": round(round_s, 2),
+        "stages": {
+            "predict": {"seconds": round(predict_s, 2), "peak_rss_mb": round(predict_mb, 1)},
+            "score": {"seconds": round(score_s, 2), "peak_rss_mb": round(score_mb, 1)},
+            "select": {"seconds": round(select_s, 4), "peak_rss_mb": round(select_mb, 1)},
+            "annotate": {"seconds": round(stages["annotate"]["seconds"], 2)},
+            "train": {"seconds": round(stages["train"]["seconds"], 2), "peak_rss_mb_child": round(train_child_peak, 1)},
+            "evaluate": {"seconds": round(stages["evaluate"]["seconds"], 2)},
+        },
+        "query_stage_seconds_in_loop": round(query_s, 2),
+        "query_fraction_of_round": round(query_s / round_s, 4),
+        "target_query_at_most_25pct": query_s / round_s <= 0.25,
+        "experiment_seconds": round(total, 1),
+    }
+    exp.state.close()
+    save_result("round_profile", result)
+
+
+if __name__ == "__main__":
+    main()
