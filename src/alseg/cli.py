@@ -72,7 +72,7 @@ def _print_status(exp_dir: Path, as_json: bool) -> None:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
         return
     table = Table(title=f"{exp_dir} ({data['strategy']}, seed {data['seed']})")
-    for col in ("round", "regions", "voxels", "fg voxels", "Dice (fg mean)", "Dice per class", "stages done"):
+    for col in ("round", "regions", "voxels", "fg voxels", "Dice (fg mean)", "Dice per class", "stages"):
         table.add_column(col, justify="right" if col != "Dice per class" else "left")
     for row in data["rounds"]:
         dice = "-" if row["dice_mean"] is None else f"{row['dice_mean']:.3f}"
@@ -84,7 +84,7 @@ def _print_status(exp_dir: Path, as_json: bool) -> None:
             str(row["annotated_fg_voxels"]),
             dice,
             per,
-            ",".join(row["stages_done"]),
+            f"{len(row['stages_done'])}/4",
         )
     Console().print(table)
 

@@ -25,6 +25,7 @@ class ScheduleConfig(BaseModel):
     val_iterations_per_epoch: int = Field(default=1, ge=1)
     warm_start: bool = True
     initial_lr: float | None = Field(default=None, gt=0)
+    first_round_epochs: int | None = Field(default=None, gt=0, description="epochs of the from-scratch round")
 
 
 class UncertaintyConfig(BaseModel):

@@ -7,7 +7,7 @@ from alseg.data.dataset import demo_dataset_path
 
 # Calibrated on 2 CPU cores by benchmarks/cpu_profile.py: each round trains the cpu profile's network
 # (warm-started from the previous round) for DEMO_SCHEDULE; the whole demo stays under 15 minutes.
-DEMO_SCHEDULE = ScheduleConfig(epochs=8, iterations_per_epoch=50, warm_start=True)
+DEMO_SCHEDULE = ScheduleConfig(epochs=8, iterations_per_epoch=50, first_round_epochs=12, warm_start=True)
 
 
 def demo_config(strategy: str = "random_fg33", rounds: int = 3, seed: int = 0) -> ExperimentConfig:

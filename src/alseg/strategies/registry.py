@@ -16,7 +16,10 @@ from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from alseg.strategies.base import Strategy
+from alseg.strategies.clasp import ClaspPEStrategy
+from alseg.strategies.power import PowerBaldStrategy, PowerPEStrategy, SoftRankBaldStrategy
 from alseg.strategies.random import FG66, RandomForegroundStrategy, RandomStrategy
+from alseg.strategies.stochastic_batches import StochasticBatchesStrategy
 from alseg.strategies.uncertainty import BaldStrategy, EntropyStrategy, MeanStdStrategy
 
 T = TypeVar("T")
@@ -57,6 +60,11 @@ STRATEGIES: dict[str, type] = {
         EntropyStrategy,
         BaldStrategy,
         MeanStdStrategy,
+        PowerPEStrategy,
+        PowerBaldStrategy,
+        SoftRankBaldStrategy,
+        ClaspPEStrategy,
+        StochasticBatchesStrategy,
     )
 }
 

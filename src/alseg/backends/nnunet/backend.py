@@ -223,7 +223,7 @@ class NnUNetBackend:
             "seed": int(seed),
             "num_threads": self.num_threads,
             "device": resolve_device(self.device),
-            "schedule": self.profile.schedule.to_spec(),
+            "schedule": self.profile.schedule.to_spec(from_scratch=init_ckpt is None),
             "init_checkpoint": init_ckpt,
             "report_file": str(work / "report.json"),
         }

@@ -7,6 +7,8 @@ calibrated by ``benchmarks/cpu_profile.py``:
 - features per stage halved (16, 32, 64, 128 instead of 32 ... 256 for Hippocampus): about 4x fewer
   multiply-adds, 0.3-0.45 s per iteration instead of 1.5 s on 2 cores;
 - a short schedule (see ``CPU_SCHEDULE``) with warm start from the previous round's model, as seed 001 does;
+  the first round, trained from scratch, gets more epochs (a network from scratch first predicts only
+  background and picks up each class at a random moment);
 - a fixed number of training iterations per round instead of nnU-Net's 250 000.
 """
 
@@ -28,9 +30,14 @@ class Schedule:
     val_iterations_per_epoch: int = 1
     warm_start: bool = False
     initial_lr: float | None = None
+    first_round_epochs: int | None = None  # epochs of a round trained from scratch; default ``epochs``
 
-    def to_spec(self) -> dict[str, Any]:
-        spec = {k: v for k, v in asdict(self).items() if v is not None and k != "warm_start"}
+    def to_spec(self, from_scratch: bool) -> dict[str, Any]:
+        spec = {
+            k: v for k, v in asdict(self).items() if v is not None and k not in ("warm_start", "first_round_epochs")
+        }
+        if from_scratch and self.first_round_epochs is not None:
+            spec["epochs"] = self.first_round_epochs
         return spec
 
 
@@ -49,7 +56,9 @@ class Profile:
 
 
 GPU_SCHEDULE = Schedule(epochs=1000, iterations_per_epoch=250, val_iterations_per_epoch=50)
-CPU_SCHEDULE = Schedule(epochs=8, iterations_per_epoch=50, val_iterations_per_epoch=1, warm_start=True)
+CPU_SCHEDULE = Schedule(
+    epochs=8, iterations_per_epoch=50, val_iterations_per_epoch=1, warm_start=True, first_round_epochs=12
+)
 
 
 def get_profile(name: str, schedule: Schedule | None = None) -> Profile:
