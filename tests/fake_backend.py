@@ -102,7 +102,12 @@ class FakeBackend:
         return TrainResult(out_dir, time.perf_counter() - t0, {"n_cases": len(cases)})
 
     def predict(
-        self, model_dir: Path, case_ids: Sequence[str], n_samples: int = 1, with_features: bool = False
+        self,
+        model_dir: Path,
+        case_ids: Sequence[str],
+        n_samples: int = 1,
+        with_features: bool = False,
+        seed: int = 0,
     ) -> Iterator[CasePrediction]:
         model_file = Path(model_dir) / MODEL_FILE
         if not model_file.is_file():

@@ -32,7 +32,18 @@ class UncertaintyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     source: Literal["softmax", "mc_dropout", "tta", "ensemble"] = "softmax"
-    n_samples: int = Field(default=1, ge=1)
+    n_samples: int = Field(default=1, ge=1, description="K: passes, augmentations or ensemble members")
+    dropout_train_p: float = Field(default=0.01, gt=0, lt=1, description="dropout while training (seed 001)")
+    dropout_query_p: float = Field(default=0.1, gt=0, lt=1, description="dropout at query time (seed 001)")
+    tta_flip_axes: list[int] | None = Field(default=None, description="axes flipped by TTA; default all")
+    tta_max_angle: float = Field(default=10.0, ge=0, description="TTA rotation range in degrees (seed 002)")
+    tta_noise_std: float = Field(default=0.01, ge=0, description="TTA Gaussian noise, relative to image std")
+
+    @model_validator(mode="after")
+    def _samples(self) -> UncertaintyConfig:
+        if self.source == "softmax" and self.n_samples != 1:
+            raise ValueError(f"source 'softmax' gives one sample; n_samples must be 1, got {self.n_samples}")
+        return self
 
 
 class ExperimentConfig(BaseModel):

@@ -82,6 +82,7 @@ def test_value_of_known_small_case() -> None:
     assert flqmi_value(S, []) == 0.0
     sel, gains, value = flqmi_maximize(S, 2, method="naive")
     assert sel.tolist() == [0, 1]
+    assert value == pytest.approx(1.9 + 1.5)
     np.testing.assert_allclose(gains, [1.9, 0.7 + 0.8])
 
 
@@ -197,9 +198,7 @@ def test_naive_greedy_matches_submodlib(seed: int, eta: float) -> None:
 
     pool, query = random_problem(seed)
     S = cosine_similarity_matrix(pool, query)  # float32: both sides see the same numbers
-    fn = FacilityLocationVariantMutualInformationFunction(
-        n=300, num_queries=40, query_sijs=S, queryDiversityEta=eta
-    )
+    fn = FacilityLocationVariantMutualInformationFunction(n=300, num_queries=40, query_sijs=S, queryDiversityEta=eta)
     ref = fn.maximize(
         budget=25, optimizer="NaiveGreedy", stopIfZeroGain=False, stopIfNegativeGain=False, show_progress=False
     )

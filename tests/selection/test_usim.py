@@ -51,7 +51,7 @@ def test_query_set_draws_proportional_to_uncertainty() -> None:
     b = sample_query_set(u, 50, np.random.default_rng(1))
     assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     idx0, counts0 = sample_query_set(np.zeros(4), 400, np.random.default_rng(2))  # all zero: uniform
-    assert idx0.tolist() == [0, 1, 2, 3]
+    assert idx0.tolist() == [0, 1, 2, 3] and counts0.min() > 50
     with pytest.raises(ValueError, match="non-negative"):
         sample_query_set(np.array([1.0, -1.0]), 3, np.random.default_rng(0))
 

@@ -48,7 +48,12 @@ class SegmentationBackend(Protocol):
         ...
 
     def predict(
-        self, model_dir: Path, case_ids: Sequence[str], n_samples: int = 1, with_features: bool = False
+        self,
+        model_dir: Path,
+        case_ids: Sequence[str],
+        n_samples: int = 1,
+        with_features: bool = False,
+        seed: int = 0,
     ) -> Iterator[CasePrediction]:
         """Stream predictions case by case: probability samples ``(K, C, *spatial)`` in image geometry."""
         ...

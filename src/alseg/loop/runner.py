@@ -99,6 +99,22 @@ def resolve_config(cfg: ExperimentConfig, ds: Dataset) -> ExperimentConfig:
     return cfg.model_copy(update=update)
 
 
+def check_uncertainty(cfg: ExperimentConfig, strategy: Strategy) -> None:
+    """A strategy that needs several probability samples needs a source that gives them."""
+    need = strategy.needs.min_samples
+    u = cfg.uncertainty
+    if need > 1 and u.source == "softmax":
+        raise ConfigError(
+            f"invalid config: strategy {cfg.strategy!r} needs at least {need} probability samples, but "
+            "uncertainty.source is 'softmax' (one sample); use mc_dropout, tta or ensemble"
+        )
+    if need > 1 and u.source == "ensemble" and u.n_samples < need:
+        raise ConfigError(
+            f"invalid config: strategy {cfg.strategy!r} needs {need} samples; uncertainty.n_samples "
+            f"(ensemble members) is {u.n_samples}"
+        )
+
+
 def capacity(ds: Dataset, pool: list[str], cfg: ExperimentConfig) -> int:
     """How many non-overlapping regions the pool holds at most (a tiling of each case)."""
     total = 0
@@ -117,7 +133,8 @@ def create_experiment(cfg: ExperimentConfig, exp_dir: Path) -> ExperimentConfig:
         raise ExperimentError(f"{exp_dir} exists and is not an alseg experiment (no {CONFIG_FILE})")
     ds = load_dataset(cfg.dataset)
     validate_dataset(ds)
-    get_strategy(cfg.strategy, cfg.strategy_params)  # unknown name or parameter: error now
+    strategy = get_strategy(cfg.strategy, cfg.strategy_params)  # unknown name or parameter: error now
+    check_uncertainty(cfg, strategy)
     cfg = resolve_config(cfg, ds)
     pool, test = split_holdout(ds.case_ids, cfg.holdout_fraction, cfg.split_seed)
     needed = cfg.starting_size + (cfg.rounds - 1) * cfg.query_size
@@ -293,7 +310,11 @@ class Experiment:
 
             def predictions() -> Iterator[Any]:
                 it = self.backend.predict(
-                    model, self.pool, n_samples=n_samples, with_features=self.strategy.needs.features
+                    model,
+                    self.pool,
+                    n_samples=n_samples,
+                    with_features=self.strategy.needs.features,
+                    seed=self.cfg.seed * 1000 + r,
                 )
                 yield from tqdm(it, total=len(self.pool), desc=f"round {r}: predict pool", unit="case", leave=False)
 

@@ -250,6 +250,7 @@ class _GainEvaluator:
         self.cur = np.zeros(q, dtype=self.dtype)
         self.block = _rows_per_block(q, self.dtype.itemsize)
         self.buf = np.empty((self.block, q), dtype=self.dtype)
+        self.qmax = np.full(src.shape[0], np.nan)  # max_i S_ji, cached once computed (the modular term)
         self.n_evaluated = 0
 
     def gains(self, idx: np.ndarray) -> np.ndarray:
@@ -257,11 +258,15 @@ class _GainEvaluator:
         for s in range(0, idx.size, self.block):
             part = idx[s : s + self.block]
             rows = self.src.rows(part, out=self.buf[: part.size])
-            qmax = rows.max(axis=1)
+            unknown = np.isnan(self.qmax[part])
+            if unknown.all():
+                self.qmax[part] = rows.max(axis=1)
+            elif unknown.any():
+                self.qmax[part[unknown]] = rows[unknown].max(axis=1)
             np.subtract(rows, self.cur, out=rows)
             np.maximum(rows, 0, out=rows)
             cover = rows.sum(axis=1) if self.weights is None else rows @ self.weights
-            out[s : s + part.size] = cover.astype(np.float64) + self.eta * qmax.astype(np.float64)
+            out[s : s + part.size] = cover.astype(np.float64) + self.eta * self.qmax[part]
         self.n_evaluated += idx.size
         return out
 
@@ -366,11 +371,12 @@ def _lazy_best(ev: _GainEvaluator, sample: np.ndarray, upper: np.ndarray) -> tup
     best = done_gain[0].max() if done_idx[0].size else -np.inf
     stale = sample[~fresh]
     stale = stale[np.argsort(-bounds[~fresh], kind="stable")]
+    stale_block = min(ev.block, max(64, sample.size // 8))  # small blocks: stop soon after the bound bites
     pos = 0
     while pos < stale.size:
         if upper[stale[pos]] < best - 1e-6 * abs(best) - 1e-12:
             break
-        part = stale[pos : pos + ev.block]
+        part = stale[pos : pos + stale_block]
         g = ev.gains(part)
         upper[part] = g
         done_idx.append(part)

@@ -24,21 +24,24 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from alseg.backends.base import TrainingCase, TrainResult
 from alseg.backends.nnunet.profiles import Profile, derive_configuration, get_profile
 from alseg.strategies.base import CasePrediction
+from alseg.uncertainty.tta import sample_tta
 
 DATASET_ID = 987
 DATASET_NAME = f"Dataset{DATASET_ID:03d}_alseg"
 MODEL_COMPLETE = "alseg_model.json"
 
 ImageReader = Callable[[str], tuple[np.ndarray, Sequence[float]]]
+UncertaintySource = Literal["softmax", "mc_dropout", "tta", "ensemble"]
 
 
 class BackendError(RuntimeError):
@@ -73,7 +76,23 @@ class NnUNetBackend:
         device: str = "auto",
         num_threads: int | None = None,
         log: Callable[[str], None] | None = None,
+        uncertainty: UncertaintySource = "softmax",
+        n_models: int = 1,
+        dropout_train_p: float = 0.01,
+        dropout_query_p: float = 0.1,
+        tta_flip_axes: Sequence[int] | None = None,
+        tta_max_angle: float = 10.0,
+        tta_noise_std: float = 0.01,
     ) -> None:
+        if uncertainty not in ("softmax", "mc_dropout", "tta", "ensemble"):
+            raise ValueError(f"unknown uncertainty source {uncertainty!r}; expected softmax, mc_dropout, tta, ensemble")
+        self.uncertainty = uncertainty
+        self.n_models = int(n_models) if uncertainty == "ensemble" else 1
+        self.dropout_train_p = dropout_train_p
+        self.dropout_query_p = dropout_query_p
+        self.tta_flip_axes = tta_flip_axes
+        self.tta_max_angle = tta_max_angle
+        self.tta_noise_std = tta_noise_std
         self.workspace = Path(workspace)
         self.read_image = read_image
         self.base_configuration = configuration
@@ -190,9 +209,17 @@ class NnUNetBackend:
         shutil.rmtree(work, ignore_errors=True)
         self.log(f"nnU-Net planned from {len(planning_cases)} cases in {time.perf_counter() - t0:.1f} s")
 
+    def _fold_names(self) -> list[str]:
+        return ["all"] if self.n_models == 1 else [str(k) for k in range(self.n_models)]
+
     def train(
         self, cases: Mapping[str, TrainingCase], out_dir: Path, seed: int, init_from: Path | None = None
     ) -> TrainResult:
+        """Train one model (or ``n_models`` ensemble members with different seeds) on all ``cases``.
+
+        Members are stored as nnU-Net folds: ``fold_all`` for one model, ``fold_0 ... fold_{K-1}`` for an
+        ensemble (deep ensemble: every member sees all annotated data, from its own initialisation / seed).
+        """
         out_dir = Path(out_dir)
         if (out_dir / MODEL_COMPLETE).exists():
             report = json.loads((out_dir / MODEL_COMPLETE).read_text())
@@ -200,7 +227,8 @@ class NnUNetBackend:
         if not cases:
             raise ValueError("nothing is annotated: no case to train on")
         plans = json.loads(self.plans_file.read_text())
-        configuration = derive_configuration(plans, self.base_configuration, self.profile)
+        dropout = self.dropout_train_p if self.uncertainty == "mc_dropout" else None
+        configuration = derive_configuration(plans, self.base_configuration, self.profile, dropout)
         dataset_json = json.loads(self.dataset_json_file.read_text())
         dataset_json["numTraining"] = len(cases)
         work = out_dir.with_name(out_dir.name + ".partial")
@@ -208,65 +236,114 @@ class NnUNetBackend:
         work.mkdir(parents=True)
         plans_path = work / "plans.json"
         plans_path.write_text(json.dumps(plans))
-        init_ckpt = None
-        if init_from is not None and self.profile.schedule.warm_start:
-            init_ckpt = str(Path(init_from) / "fold_all" / "checkpoint_final.pth")
-        spec = {
-            "plans_file": str(plans_path),
-            "fingerprint_file": str(self.fingerprint_file),
-            "dataset_json": dataset_json,
-            "configuration": configuration,
-            "dataset_name": DATASET_NAME,
-            "cases": {
-                cid: {"images": [str(p) for p in c.images], "label": str(c.label)} for cid, c in sorted(cases.items())
-            },
-            "seed": int(seed),
-            "num_threads": self.num_threads,
-            "device": resolve_device(self.device),
-            "schedule": self.profile.schedule.to_spec(from_scratch=init_ckpt is None),
-            "init_checkpoint": init_ckpt,
-            "report_file": str(work / "report.json"),
-        }
-        t0 = time.perf_counter()
-        self._run_worker("train", spec, work, training=True)
-        report = json.loads((work / "report.json").read_text())
-        trained = Path(report["output_folder"])
         model = work / "model"
-        trained.rename(model)
-        (model / "fold_all" / "checkpoint_best.pth").unlink(missing_ok=True)
-        shutil.copyfile(work / "train.log", model / "train.log")
-        report.update(
-            configuration=configuration,
-            profile=self.profile.name,
-            seconds=time.perf_counter() - t0,
-            init_from=str(init_from) if init_ckpt else None,
-        )
-        (model / MODEL_COMPLETE).write_text(json.dumps(report, indent=2))
+        t0 = time.perf_counter()
+        reports = []
+        for k, fold in enumerate(self._fold_names()):
+            init_ckpt = None
+            if init_from is not None and self.profile.schedule.warm_start:
+                init_ckpt = str(Path(init_from) / f"fold_{fold}" / "checkpoint_final.pth")
+            member = work / (f"member_{k}" if self.n_models > 1 else "")
+            spec = {
+                "plans_file": str(plans_path),
+                "fingerprint_file": str(self.fingerprint_file),
+                "dataset_json": dataset_json,
+                "configuration": configuration,
+                "dataset_name": DATASET_NAME,
+                "cases": {
+                    cid: {"images": [str(p) for p in c.images], "label": str(c.label)}
+                    for cid, c in sorted(cases.items())
+                },
+                "seed": int(seed) * 100 + k,
+                "num_threads": self.num_threads,
+                "device": resolve_device(self.device),
+                "schedule": self.profile.schedule.to_spec(from_scratch=init_ckpt is None),
+                "init_checkpoint": init_ckpt,
+                "report_file": str(member / "report.json"),
+            }
+            self._run_worker("train", spec, member, training=True)
+            report = json.loads((member / "report.json").read_text())
+            trained = Path(report["output_folder"])
+            if not model.exists():
+                trained.rename(model)  # plans.json, dataset.json, fold_all
+            else:
+                (trained / "fold_all").rename(model / "fold_all")
+            if fold != "all":
+                (model / "fold_all").rename(model / f"fold_{fold}")
+            (model / f"fold_{fold}" / "checkpoint_best.pth").unlink(missing_ok=True)
+            shutil.copyfile(member / "train.log", model / f"fold_{fold}" / "alseg_train.log")
+            report["init_from"] = init_ckpt
+            reports.append(report)
+        summary = {
+            "configuration": configuration,
+            "profile": self.profile.name,
+            "uncertainty": self.uncertainty,
+            "folds": self._fold_names(),
+            "seconds": time.perf_counter() - t0,
+            "train_seconds": sum(r["train_seconds"] for r in reports),
+            "members": reports,
+        }
+        (model / MODEL_COMPLETE).write_text(json.dumps(summary, indent=2))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(model, out_dir)
         shutil.rmtree(work, ignore_errors=True)
-        return TrainResult(out_dir, float(report["train_seconds"]), report)
+        return TrainResult(out_dir, float(summary["train_seconds"]), summary)
 
     def predict(
-        self, model_dir: Path, case_ids: Sequence[str], n_samples: int = 1, with_features: bool = False
+        self,
+        model_dir: Path,
+        case_ids: Sequence[str],
+        n_samples: int = 1,
+        with_features: bool = False,
+        seed: int = 0,
     ) -> Iterator[CasePrediction]:
-        if n_samples != 1 or with_features:
-            raise NotImplementedError(
-                "the nnU-Net backend gives one softmax sample without features so far; "
-                f"asked for n_samples={n_samples}, with_features={with_features}"
+        """Stream ``(K, C, *spatial)`` probability samples per case from the configured uncertainty source.
+
+        ``softmax``: K = 1. ``ensemble``: one sample per member (K = n_models). ``mc_dropout``: K passes with
+        dropout on (p raised to ``dropout_query_p``), normalisation in eval mode. ``tta``: K seeded
+        augmentations (flips, rotation, noise), each mapped back. With ``n_samples=1`` MC dropout and TTA give
+        the plain deterministic prediction (used for evaluation); an ensemble always gives all its members.
+        """
+        if with_features:
+            raise NotImplementedError("the nnU-Net backend does not return features yet")
+        if self.uncertainty == "softmax" and n_samples > 1:
+            raise ValueError(
+                f"{n_samples} probability samples were asked for, but the uncertainty source is a single softmax; "
+                "set uncertainty.source to mc_dropout, tta or ensemble"
             )
+        if self.uncertainty == "ensemble" and n_samples > self.n_models:
+            raise ValueError(f"{n_samples} samples asked for, but the ensemble has {self.n_models} members")
+        k = self.n_models if self.uncertainty == "ensemble" else (n_samples if self.uncertainty != "softmax" else 1)
         predictor = self._load_predictor(Path(model_dir))
+        import torch
+
+        params = list(predictor.list_of_parameters)
+        if self.uncertainty == "mc_dropout" and k > 1:  # one sample (evaluation): the deterministic network
+            _enable_mc_dropout(predictor.network, self.dropout_query_p)
         for case_id in case_ids:
             image, spacing = self.read_image(case_id)
-            _, probs = predictor.predict_single_npy_array(
-                np.ascontiguousarray(image, dtype=np.float32),
-                {"spacing": [float(s) for s in spacing]},
-                None,
-                None,
-                True,
-            )
-            yield CasePrediction(case_id, np.asarray(probs, dtype=np.float32)[None])
+            image = np.ascontiguousarray(image, dtype=np.float32)
+            props = {"spacing": [float(s) for s in spacing]}
+            case_seed = _case_seed(seed, case_id)
+            samples = []
+            if self.uncertainty == "tta":
+                rng = np.random.default_rng(case_seed)
+                transforms = sample_tta(
+                    k, image.ndim - 1, rng, self.tta_flip_axes, self.tta_max_angle, self.tta_noise_std
+                )
+                for t in transforms:
+                    _, probs = predictor.predict_single_npy_array(t.apply(image), props, None, None, True)
+                    samples.append(t.invert_probabilities(probs))
+            else:
+                for i in range(k):
+                    if self.uncertainty == "ensemble":
+                        predictor.list_of_parameters = [params[i]]
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(case_seed + i)
+                        _, probs = predictor.predict_single_npy_array(image, props, None, None, True)
+                    samples.append(np.asarray(probs, dtype=np.float32))
+            yield CasePrediction(case_id, np.stack(samples))
 
     def _load_predictor(self, model_dir: Path) -> Any:
         if not (model_dir / MODEL_COMPLETE).exists():
@@ -286,6 +363,27 @@ class NnUNetBackend:
         )
         with contextlib.redirect_stdout(io.StringIO()):
             predictor.initialize_from_trained_model_folder(
-                str(model_dir), use_folds=("all",), checkpoint_name="checkpoint_final.pth"
+                str(model_dir), use_folds=tuple(self._fold_names()), checkpoint_name="checkpoint_final.pth"
             )
         return predictor
+
+
+def _case_seed(seed: int, case_id: str) -> int:
+    return (int(seed) * 1_000_003 + zlib.crc32(case_id.encode())) % (2**31 - 1)
+
+
+def _enable_mc_dropout(network: Any, p: float) -> None:
+    """Keep dropout active at inference (the predictor calls ``eval()`` before every use)."""
+    import torch
+
+    drop = [m for m in network.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
+    if not drop:
+        raise BackendError("MC dropout needs a network trained with dropout; this model has no dropout layers")
+    for m in drop:
+        m.p = float(p)
+
+    def hook(module: Any, args: Any) -> None:
+        for m in drop:
+            m.train()
+
+    network.register_forward_pre_hook(hook)

@@ -74,25 +74,30 @@ def get_profile(name: str, schedule: Schedule | None = None) -> Profile:
     raise ValueError(f"unknown profile {name!r}; expected one of 'gpu', 'cpu'")
 
 
-def derive_configuration(plans: dict[str, Any], base: str, profile: Profile) -> str:
+def derive_configuration(plans: dict[str, Any], base: str, profile: Profile, dropout_p: float | None = None) -> str:
     """Add the profile's configuration to ``plans`` (in place) and return its name.
 
     The derived configuration inherits nnU-Net's preprocessing (same data identifier) and changes only the
-    network width and batch size.
+    network width and batch size (``cpu``) and, for MC dropout, adds dropout after every convolution
+    (``torch.nn.Dropout`` with ``dropout_p``; seed 001 trains with p = 0.01).
     """
     if base not in plans["configurations"]:
         raise ValueError(
             f"configuration {base!r} is not in the nnU-Net plans; available: {sorted(plans['configurations'])}"
         )
-    if profile.name == "gpu":
+    if profile.name == "gpu" and dropout_p is None:
         return base
-    name = base + profile.configuration_suffix
+    name = base + profile.configuration_suffix + ("_dropout" if dropout_p is not None else "")
     arch = copy.deepcopy(_resolved(plans, base)["architecture"])
     kw = arch["arch_kwargs"]
-    feats = [max(4, round(f * profile.feature_scale)) for f in kw["features_per_stage"]]
-    if profile.max_features is not None:
-        feats = [min(f, profile.max_features) for f in feats]
-    kw["features_per_stage"] = feats
+    if profile.name != "gpu":
+        feats = [max(4, round(f * profile.feature_scale)) for f in kw["features_per_stage"]]
+        if profile.max_features is not None:
+            feats = [min(f, profile.max_features) for f in feats]
+        kw["features_per_stage"] = feats
+    if dropout_p is not None:
+        kw["dropout_op"] = "torch.nn.Dropout"
+        kw["dropout_op_kwargs"] = {"p": float(dropout_p), "inplace": False}
     config: dict[str, Any] = {"inherits_from": base, "architecture": arch}
     if profile.batch_size is not None:
         config["batch_size"] = profile.batch_size
