@@ -25,7 +25,9 @@ def test_rotation_inverse_is_close_inside_and_normalised() -> None:
     rotated = t.apply(probs)  # rotate as if it were an image
     back = t.invert_probabilities(rotated)
     assert np.allclose(back.sum(axis=0), 1.0, atol=1e-5)
-    assert np.abs(back - probs)[:, :, 8:24, 8:24].mean() < 0.05
+    # interpolation blurs only the square's edges: the interior and the labels survive the round trip
+    assert np.allclose(back[1, :, 13:19, 13:19], 1.0, atol=0.02)
+    assert (back.argmax(0) == probs.argmax(0)).mean() > 0.97
 
 
 def test_sample_tta_is_seeded_and_starts_with_identity() -> None:
