@@ -305,8 +305,6 @@ class NnUNetBackend:
         augmentations (flips, rotation, noise), each mapped back. With ``n_samples=1`` MC dropout and TTA give
         the plain deterministic prediction (used for evaluation); an ensemble always gives all its members.
         """
-        if with_features:
-            raise NotImplementedError("the nnU-Net backend does not return features yet")
         if self.uncertainty == "softmax" and n_samples > 1:
             raise ValueError(
                 f"{n_samples} probability samples were asked for, but the uncertainty source is a single softmax; "
@@ -343,7 +341,12 @@ class NnUNetBackend:
                         torch.manual_seed(case_seed + i)
                         _, probs = predictor.predict_single_npy_array(image, props, None, None, True)
                     samples.append(np.asarray(probs, dtype=np.float32))
-            yield CasePrediction(case_id, np.stack(samples))
+            pred = CasePrediction(case_id, np.stack(samples))
+            if with_features:
+                if self.uncertainty == "ensemble":
+                    predictor.list_of_parameters = [params[0]]
+                pred.features, pred.extras["last_features"] = _features(predictor, image, props)
+            yield pred
 
     def _load_predictor(self, model_dir: Path) -> Any:
         if not (model_dir / MODEL_COMPLETE).exists():
@@ -387,3 +390,71 @@ def _enable_mc_dropout(network: Any, p: float) -> None:
             m.train()
 
     network.register_forward_pre_hook(hook)
+
+
+def _features(predictor: Any, image: np.ndarray, props: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Bottleneck activations and the last layer's input features of one case, in the image's own grid.
+
+    One whole-image forward pass of the (deterministic) network on the preprocessed case, padded to a multiple
+    of the network's total stride; a forward hook on ``encoder.stages[-1]`` gives the bottleneck and one on the
+    last segmentation layer gives its input ``h(x)`` (BADGE's features). Both are mapped back like nnU-Net's
+    probabilities: resampled to the cropped shape, put back into the crop's bounding box (zeros outside) and
+    transposed back. The bottleneck is upsampled (trilinear) to the preprocessed grid first.
+    """
+    import torch
+    from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
+    from nnunetv2.inference.data_iterators import PreprocessAdapterFromNpy
+
+    pm, cm = predictor.plans_manager, predictor.configuration_manager
+    ppa = PreprocessAdapterFromNpy(
+        [image], None, [dict(props)], None, pm, predictor.dataset_json, cm, num_threads_in_multithreaded=1
+    )
+    dct = next(ppa)
+    data = torch.as_tensor(dct["data"], dtype=torch.float32)
+    pp = dct["data_properties"]
+    network = predictor.network
+    network.load_state_dict(predictor.list_of_parameters[0])
+    network.eval()
+    total = np.prod(np.asarray(cm.pool_op_kernel_sizes), axis=0).astype(int)
+    slicewise = len(total) == data.ndim - 2  # a 2d network on a 3D case: slices are the batch
+    x = data.permute(1, 0, 2, 3) if slicewise else data[None]
+    shape = np.asarray(x.shape[2:])
+    padded = (np.ceil(shape / total) * total).astype(int)
+    pad: list[int] = []
+    for n, m in zip(reversed(shape.tolist()), reversed(padded.tolist()), strict=True):
+        pad += [0, int(m - n)]
+    x = torch.nn.functional.pad(x, pad)
+    bottlenecks, lasts = [], []
+    captured: dict[str, torch.Tensor] = {}
+    h1 = network.encoder.stages[-1].register_forward_hook(lambda m, i, o: captured.__setitem__("b", o))
+    h2 = network.decoder.seg_layers[-1].register_forward_hook(lambda m, i, o: captured.__setitem__("h", i[0]))
+    crop = (slice(None), slice(None), *(slice(0, int(n)) for n in shape))
+    mode = "trilinear" if len(shape) == 3 else "bilinear"
+    try:
+        with torch.no_grad():
+            for start in range(0, x.shape[0], 16):
+                network(x[start : start + 16].to(predictor.device))
+                up = torch.nn.functional.interpolate(
+                    captured["b"], size=tuple(int(v) for v in padded), mode=mode, align_corners=False
+                )
+                bottlenecks.append(up[crop].cpu())
+                lasts.append(captured["h"][crop].cpu())
+    finally:
+        h1.remove()
+        h2.remove()
+    b, h = torch.cat(bottlenecks), torch.cat(lasts)
+    # back to (F, *preprocessed shape)
+    b, h = (t.permute(1, 0, 2, 3) if slicewise else t[0] for t in (b, h))
+
+    spacing_t = [pp["spacing"][i] for i in pm.transpose_forward]
+    after_crop = pp["shape_after_cropping_and_before_resampling"]
+    current = cm.spacing if len(cm.spacing) == len(after_crop) else [spacing_t[0], *cm.spacing]
+
+    def revert(arr: torch.Tensor) -> np.ndarray:
+        res = cm.resampling_fn_probabilities(arr, after_crop, current, spacing_t)
+        res = res.cpu().numpy() if isinstance(res, torch.Tensor) else np.asarray(res)
+        full = np.zeros((res.shape[0], *pp["shape_before_cropping"]), dtype=np.float32)
+        full = insert_crop_into_image(full, res.astype(np.float32), [[0, res.shape[0]], *pp["bbox_used_for_cropping"]])
+        return np.ascontiguousarray(full.transpose([0, *[i + 1 for i in pm.transpose_backward]]))
+
+    return revert(b), revert(h)
