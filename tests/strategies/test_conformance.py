@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -62,7 +63,13 @@ class SyntheticPool:
     def predictions(self) -> Iterator[CasePrediction]:
         for case_id in self.case_ids:
             self.n_predictions_streamed[0] += 1
-            yield CasePrediction(case_id, self.probs[case_id])
+            # features for the embedding strategies: the ground truth one-hot plus seeded noise (4 + 3 channels)
+            rng = np.random.default_rng(zlib.crc32(case_id.encode()))
+            gt = self.ground_truth[case_id]
+            onehot = np.stack([gt == c for c in range(N_CLASSES)]).astype(np.float32)
+            features = np.concatenate([onehot, rng.normal(size=(1, *gt.shape)).astype(np.float32)])
+            last = onehot + 0.1 * rng.normal(size=onehot.shape).astype(np.float32)
+            yield CasePrediction(case_id, self.probs[case_id], features, {"last_features": last})
 
     def view(self) -> PoolView:
         counts: dict[int, int] = {}
@@ -166,7 +173,7 @@ def check_regions(regions: Sequence[Region], ctx: QueryContext) -> None:
 
 def _strategy_or_skip(key: str, params: dict | None = None) -> Strategy:
     strategy = get_strategy(key, params)
-    if strategy.needs.features or strategy.needs.gradients:
+    if strategy.needs.gradients:
         pytest.skip(f"{key!r} needs features/gradients, which the synthetic pool does not provide")
     return strategy
 

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from alseg.strategies.base import Strategy
 from alseg.strategies.clasp import ClaspPEStrategy
+from alseg.strategies.embedding import BadgeStrategy, CoresetStrategy
 from alseg.strategies.power import PowerBaldStrategy, PowerPEStrategy, SoftRankBaldStrategy
 from alseg.strategies.random import FG66, RandomForegroundStrategy, RandomStrategy
 from alseg.strategies.stochastic_batches import StochasticBatchesStrategy
@@ -65,6 +66,8 @@ STRATEGIES: dict[str, type] = {
         SoftRankBaldStrategy,
         ClaspPEStrategy,
         StochasticBatchesStrategy,
+        CoresetStrategy,
+        BadgeStrategy,
     )
 }
 
