@@ -116,7 +116,12 @@ class FakeBackend:
         case_ids = list(case_ids)
         self.calls.append(("predict", case_ids))
         for cid in case_ids:
-            yield CasePrediction(cid, self.probabilities(cid, model_seed, n_samples))
+            pred = CasePrediction(cid, self.probabilities(cid, model_seed, n_samples))
+            if with_features:  # features: the mean probabilities and a seeded noise channel
+                noise = np.random.default_rng(zlib.crc32(cid.encode())).normal(size=pred.probs.shape[2:])
+                pred.features = np.concatenate([pred.probs.mean(axis=0), noise[None].astype(np.float32)])
+                pred.extras["last_features"] = pred.features[:2].copy()
+            yield pred
 
     # ------------------------------------------------------------------ helpers
     def probabilities(self, case_id: str, model_seed: int, n_samples: int = 1) -> np.ndarray:
