@@ -139,7 +139,7 @@ def main() -> None:
     load_start = os.getloadavg()
     runs: list[dict[str, Any]] = []
     for n in args.sizes:
-        repeats = 3 if n <= 10_000 else 1
+        repeats = 5 if n <= 10_000 else 1
         impls = ["ours", "submodlib"] if (n <= 10_000 or not args.no_submodlib_100k) and n < 1_000_000 else ["ours"]
         for impl in impls:
             r = measure(impl, n, args.seed, repeats, args.timeout, mem_limit_gb)
