@@ -123,6 +123,22 @@ class FakeBackend:
                 pred.extras["last_features"] = pred.features[:2].copy()
             yield pred
 
+    def gradient_embedder(self, model_dir: Path) -> Any:
+        """Fake region gradients: seeded per (case, box) vectors of 64 numbers plus the region's fg fraction."""
+
+        def embed(case_id: str, boxes: Sequence[Any], index: np.ndarray | None) -> np.ndarray:
+            gt = self.ds.read_label(case_id)
+            rows = []
+            for b in boxes:
+                rng = np.random.default_rng([zlib.crc32(case_id.encode()), *b.start])
+                fg = float((gt[b.slices()] > 0).mean())
+                rows.append(np.concatenate([[fg * 10], rng.normal(size=63)]).astype(np.float32))
+            g = np.stack(rows)
+            return g if index is None else g[:, index]
+
+        embed.n_params = 64
+        return embed
+
     # ------------------------------------------------------------------ helpers
     def probabilities(self, case_id: str, model_seed: int, n_samples: int = 1) -> np.ndarray:
         gt = self.ds.read_label(case_id)

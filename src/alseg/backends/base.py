@@ -7,10 +7,12 @@ streams probability samples ``(K, C, *spatial)`` for the cases it is asked to pr
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+import numpy as np
 
 from alseg.strategies.base import CasePrediction
 
@@ -56,4 +58,9 @@ class SegmentationBackend(Protocol):
         seed: int = 0,
     ) -> Iterator[CasePrediction]:
         """Stream predictions case by case: probability samples ``(K, C, *spatial)`` in image geometry."""
+        ...
+
+    def gradient_embedder(self, model_dir: Path) -> Callable[..., np.ndarray]:
+        """``(case_id, boxes, index) -> (len(boxes), D)`` per-region gradient embeddings (flat parameter
+        indices ``index`` of the embedded layer, or all of them); the callable has ``n_params``."""
         ...

@@ -267,7 +267,9 @@ class Experiment:
             boxes[sr.region.case_id].append(sr.region.box)
         return boxes
 
-    def pool_view(self, r: int, predictions: Callable[[], Iterator[Any]] | None = None) -> PoolView:
+    def pool_view(
+        self, r: int, predictions: Callable[[], Iterator[Any]] | None = None, gradients: Any = None
+    ) -> PoolView:
         boxes = self.annotated_boxes(r - 1)
         shapes = {cid: self.ds.geometry(cid).shape for cid in self.pool}
         class_voxels: dict[int, int] = defaultdict(int)
@@ -284,6 +286,8 @@ class Experiment:
             annotated_class_voxels=dict(class_voxels),
             ground_truth=self.ground_truth,
             predictions=predictions,
+            region_gradients=gradients,
+            n_gradient_params=int(getattr(gradients, "n_params", 0)),
         )
 
     def _commit_stage(
@@ -318,8 +322,11 @@ class Experiment:
                 )
                 yield from tqdm(it, total=len(self.pool), desc=f"round {r}: predict pool", unit="case", leave=False)
 
+        gradients = None
+        if r > 0 and self.strategy.needs.gradients:
+            gradients = self.backend.gradient_embedder(self.model_dir(r - 1))
         ctx = QueryContext(
-            pool=self.pool_view(r, predictions),
+            pool=self.pool_view(r, predictions, gradients),
             query_size=self.cfg.query_size if r > 0 else self.cfg.starting_size,
             round_index=r,
             n_rounds=self.cfg.rounds,

@@ -50,6 +50,9 @@ class PoolView:
     annotated_class_voxels: Mapping[int, int] = field(default_factory=dict)
     ground_truth: Callable[[str], np.ndarray] | None = None
     predictions: Callable[[], Iterator[CasePrediction]] | None = None
+    # (case_id, boxes, flat parameter indices or None) -> (len(boxes), D) gradient embeddings; see USIM
+    region_gradients: Callable[[str, Sequence[Box], np.ndarray | None], np.ndarray] | None = None
+    n_gradient_params: int = 0
 
     def box_size(self, case_id: str) -> tuple[int, ...]:
         return self.box_sizes[case_id]

@@ -22,6 +22,7 @@ from alseg.strategies.power import PowerBaldStrategy, PowerPEStrategy, SoftRankB
 from alseg.strategies.random import FG66, RandomForegroundStrategy, RandomStrategy
 from alseg.strategies.stochastic_batches import StochasticBatchesStrategy
 from alseg.strategies.uncertainty import BaldStrategy, EntropyStrategy, MeanStdStrategy
+from alseg.strategies.usim import USIMStrategy
 
 T = TypeVar("T")
 
@@ -68,6 +69,13 @@ STRATEGIES: dict[str, type] = {
         StochasticBatchesStrategy,
         CoresetStrategy,
         BadgeStrategy,
+        USIMStrategy,
+        preset(
+            USIMStrategy,
+            "usim_f",
+            "USIMF: FLQMI over a Fisher kernel of region gradients, query set ∝ uncertainty",
+            similarity="fisher",
+        ),
     )
 }
 

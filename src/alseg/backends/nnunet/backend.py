@@ -348,6 +348,18 @@ class NnUNetBackend:
                 pred.features, pred.extras["last_features"] = _features(predictor, image, props)
             yield pred
 
+    def gradient_embedder(self, model_dir: Path) -> Callable[..., np.ndarray]:
+        """``(case_id, boxes, index) -> (len(boxes), len(index))`` gradient embeddings, and ``.n_params``."""
+        grads = RegionGradients(self._load_predictor(Path(model_dir)))
+
+        def embed(case_id: str, boxes: Sequence[Any], index: np.ndarray | None) -> np.ndarray:
+            image, spacing = self.read_image(case_id)
+            props = {"spacing": [float(s) for s in spacing]}
+            return grads(np.ascontiguousarray(image, dtype=np.float32), props, boxes, index)
+
+        embed.n_params = grads.n_params  # type: ignore[attr-defined]
+        return embed
+
     def _load_predictor(self, model_dir: Path) -> Any:
         if not (model_dir / MODEL_COMPLETE).exists():
             raise BackendError(f"{model_dir} is not a complete alseg nnU-Net model (no {MODEL_COMPLETE})")
@@ -458,3 +470,89 @@ def _features(predictor: Any, image: np.ndarray, props: dict) -> tuple[np.ndarra
         return np.ascontiguousarray(full.transpose([0, *[i + 1 for i in pm.transpose_backward]]))
 
     return revert(b), revert(h)
+
+
+class RegionGradients:
+    """Per-region gradient embeddings of a trained nnU-Net (USIM): ∂/∂W Σ_{x∈region} CE(p(x), ŷ(x)).
+
+    W is the weight of the last convolution of the encoder's bottleneck stage, ŷ the argmax pseudo-label. One
+    forward pass per case; the gradients of all of the case's regions come from one batched backward pass
+    (``is_grads_batched``), restricted to the flat parameter indices ``index`` (≤ 10,000 numbers).
+    """
+
+    def __init__(self, predictor: Any) -> None:
+        import torch
+
+        self.predictor = predictor
+        self.network = predictor.network
+        self.network.load_state_dict(predictor.list_of_parameters[0])
+        self.network.eval()
+        convs = [m for m in self.network.encoder.stages[-1].modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+        self.weight = convs[-1].weight
+        self.n_params = int(self.weight.numel())
+
+    def __call__(self, image: np.ndarray, props: dict, boxes: Sequence[Any], index: np.ndarray | None) -> np.ndarray:
+        import torch
+        from nnunetv2.inference.data_iterators import PreprocessAdapterFromNpy
+
+        p = self.predictor
+        pm, cm = p.plans_manager, p.configuration_manager
+        ppa = PreprocessAdapterFromNpy(
+            [image], None, [dict(props)], None, pm, p.dataset_json, cm, num_threads_in_multithreaded=1
+        )
+        dct = next(ppa)
+        data = torch.as_tensor(dct["data"], dtype=torch.float32)
+        pp = dct["data_properties"]
+        masks = torch.stack([torch.as_tensor(_box_mask_preprocessed(b, pp, pm, data.shape[1:])) for b in boxes])
+        total = np.prod(np.asarray(cm.pool_op_kernel_sizes), axis=0).astype(int)
+        slicewise = len(total) == data.ndim - 2
+        x = data.permute(1, 0, 2, 3) if slicewise else data[None]
+        shape = np.asarray(x.shape[2:])
+        padded = (np.ceil(shape / total) * total).astype(int)
+        pad: list[int] = []
+        for n, m in zip(reversed(shape.tolist()), reversed(padded.tolist()), strict=True):
+            pad += [0, int(m - n)]
+        x = torch.nn.functional.pad(x, pad).to(p.device)
+        crop = (slice(None), slice(None), *(slice(0, int(n)) for n in shape))
+        self.network.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            logits = self.network(x)
+            logits = logits[0] if isinstance(logits, list | tuple) else logits
+            logits = logits[crop]  # (B, C, *shape)
+            logp = torch.log_softmax(logits.float(), dim=1)
+            ce = -logp.max(dim=1).values  # CE against the argmax pseudo-label, (B, *shape)
+            ce_case = ce if slicewise else ce[0]  # (*preprocessed shape)
+            losses = (masks.to(ce_case.device, ce_case.dtype) * ce_case[None]).flatten(1).sum(1)
+            try:
+                (grads,) = torch.autograd.grad(
+                    losses,
+                    self.weight,
+                    grad_outputs=torch.eye(len(boxes), device=losses.device),
+                    is_grads_batched=True,
+                )
+            except RuntimeError:  # an op without batching rule: one backward per region
+                grads = torch.stack(
+                    [
+                        torch.autograd.grad(losses[i], self.weight, retain_graph=i < len(boxes) - 1)[0]
+                        for i in range(len(boxes))
+                    ]
+                )
+        flat = grads.reshape(len(boxes), -1).detach().cpu().numpy().astype(np.float32)
+        return flat if index is None else flat[:, index]
+
+
+def _box_mask_preprocessed(box: Any, pp: dict, pm: Any, pre_shape: Sequence[int]) -> np.ndarray:
+    """A region (image voxel coordinates) as a mask on nnU-Net's preprocessed grid (transposed, cropped,
+    resampled)."""
+    order = list(pm.transpose_forward)
+    start = np.asarray(box.start)[order].astype(float)
+    stop = (np.asarray(box.start) + np.asarray(box.size))[order].astype(float)
+    lo = np.asarray([b[0] for b in pp["bbox_used_for_cropping"]], dtype=float)
+    after = np.asarray(pp["shape_after_cropping_and_before_resampling"], dtype=float)
+    pre = np.asarray(pre_shape, dtype=float)
+    scale = pre / np.maximum(after, 1)
+    a = np.clip(np.floor((start - lo) * scale), 0, pre).astype(int)
+    b = np.clip(np.ceil((stop - lo) * scale), 0, pre).astype(int)
+    mask = np.zeros(tuple(int(v) for v in pre), dtype=np.float32)
+    mask[tuple(slice(i, j) for i, j in zip(a, b, strict=True))] = 1.0
+    return mask
