@@ -17,6 +17,7 @@ stage that is not done, with no region lost or duplicated.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import resource
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from alseg import __version__
 from alseg.backends.base import SegmentationBackend, TrainingCase
 from alseg.config import ConfigError, ExperimentConfig, dump_config, load_config
 from alseg.data.dataset import Dataset, load_dataset, split_holdout, validate_dataset
@@ -162,8 +164,8 @@ def create_experiment(cfg: ExperimentConfig, exp_dir: Path) -> ExperimentConfig:
         state = ExperimentState(tmp / DB_FILE)
         with state.transaction() as conn:
             state.set_split(conn, pool, test)
-            state.set_meta(conn, "pool_fg_voxels", __import__("json").dumps(dict(pool_fg)))
-            state.set_meta(conn, "alseg_version", __import__("alseg").__version__)
+            state.set_meta(conn, "pool_fg_voxels", json.dumps(dict(pool_fg)))
+            state.set_meta(conn, "alseg_version", __version__)
         state.close()
         if exp_dir.exists():
             exp_dir.rmdir()  # empty, checked above
@@ -468,8 +470,6 @@ class Experiment:
         )
 
     def cost(self, r: int) -> dict[str, Any]:
-        import json
-
         pool_fg = {int(k): v for k, v in json.loads(self.state.get_meta("pool_fg_voxels") or "{}").items()}
         acc = CostAccumulator(self.ds.foreground_labels, pool_fg or None, self.cfg.slice_axis)
         boxes = self.annotated_boxes(r)
@@ -491,8 +491,6 @@ class Experiment:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    import json
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:

@@ -1,0 +1,103 @@
+"""One loop per uncertainty source with the real nnU-Net backend on a few real Hippocampus cases, plus the
+strategies that need the backend's features and gradients. Tiny schedule: the point is that every path through
+nnU-Net (dropout networks, TTA, ensemble members, features, region gradients) runs and gives valid choices.
+
+``test_every_strategy_on_real_data`` (marked slow) runs every registered key the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from alseg.config import ExperimentConfig
+from alseg.data.dataset import demo_dataset_path
+from alseg.loop.runner import DB_FILE, run_experiment
+from alseg.loop.state import ExperimentState
+from alseg.strategies.registry import STRATEGIES, get_strategy
+from conftest import copy_demo_cases
+
+pytestmark = pytest.mark.nnunet
+
+TINY = {"epochs": 1, "iterations_per_epoch": 3, "warm_start": True}
+
+
+@pytest.fixture(scope="module")
+def small_hippocampus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 real cases: 9 in the pool, 3 held out."""
+    assert demo_dataset_path().exists()
+    return copy_demo_cases(tmp_path_factory.mktemp("hippo") / "data", n_cases=12)
+
+
+def run_two_rounds(dataset: Path, out: Path, strategy: str, uncertainty: dict | None = None) -> Path:
+    cfg = ExperimentConfig(
+        dataset=dataset, strategy=strategy, seed=3, rounds=2, query_size=4, profile="cpu", device="cpu",
+        num_threads=2, schedule=TINY, uncertainty=uncertainty or {"source": "softmax", "n_samples": 1},
+    )
+    return run_experiment(cfg, out)
+
+
+def check(exp: Path, strategy: str) -> list:
+    state = ExperimentState(exp / DB_FILE)
+    try:
+        regions = state.regions()
+        metrics = state.metrics()
+        assert state.integrity_check() == "ok"
+    finally:
+        state.close()
+    assert len(regions) == 8 and {r.round for r in regions} == {0, 1}
+    queried = [r for r in regions if r.round == 1]
+    assert all(r.region.info.get("strategy") == strategy for r in queried)
+    for r in queried:  # inside the image, no overlap with earlier regions of the same case
+        for other in regions:
+            if other is not r and other.region.case_id == r.region.case_id:
+                assert not other.region.box.overlaps(r.region.box)
+    assert set(metrics) == {0, 1} and all(m["dice_mean"] is not None for m in metrics.values())
+    return queried
+
+
+@pytest.mark.parametrize(
+    ("source", "n_samples", "strategy"),
+    [
+        ("softmax", 1, "clasp_pe"),
+        ("mc_dropout", 3, "bald"),
+        ("tta", 3, "mean_std"),
+        ("ensemble", 2, "power_bald"),
+    ],
+)
+def test_uncertainty_source(small_hippocampus: Path, tmp_path: Path, source: str, n_samples: int,
+                            strategy: str) -> None:
+    exp = run_two_rounds(small_hippocampus, tmp_path / "exp", strategy, {"source": source, "n_samples": n_samples})
+    queried = check(exp, strategy)
+    assert all(np.isfinite(r.region.score) for r in queried)
+    model = exp / "rounds" / "001" / "model"
+    report = json.loads((model / "alseg_model.json").read_text())
+    assert report["uncertainty"] == source
+    if source == "ensemble":
+        assert sorted(p.name for p in model.glob("fold_*")) == ["fold_0", "fold_1"]
+    if source == "mc_dropout":
+        plans = json.loads((model / "plans.json").read_text())
+        conf = plans["configurations"][report["configuration"]]
+        assert conf["architecture"]["arch_kwargs"]["dropout_op"] == "torch.nn.Dropout"
+
+
+@pytest.mark.parametrize(
+    ("strategy", "uncertainty"),
+    [("badge", None), ("coreset", None), ("usim_c", {"source": "mc_dropout", "n_samples": 2})],
+)
+def test_feature_and_gradient_strategies(small_hippocampus: Path, tmp_path: Path, strategy: str,
+                                         uncertainty: dict | None) -> None:
+    queried = check(run_two_rounds(small_hippocampus, tmp_path / "exp", strategy, uncertainty), strategy)
+    if strategy == "usim_c":
+        assert all("marginal_gain" in r.region.info for r in queried)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", sorted(STRATEGIES))
+def test_every_strategy_on_real_data(small_hippocampus: Path, tmp_path: Path, key: str) -> None:
+    needs = get_strategy(key).needs
+    uncertainty = {"source": "mc_dropout", "n_samples": 3} if needs.min_samples > 1 else None
+    check(run_two_rounds(small_hippocampus, tmp_path / "exp", key, uncertainty), key)
