@@ -32,4 +32,11 @@ def make_backend(cfg: ExperimentConfig, ds: Dataset, workspace: Path) -> NnUNetB
         profile=profile,
         device=cfg.device,
         num_threads=cfg.num_threads,
+        uncertainty=cfg.uncertainty.source,
+        n_models=cfg.uncertainty.n_samples,
+        dropout_train_p=cfg.uncertainty.dropout_train_p,
+        dropout_query_p=cfg.uncertainty.dropout_query_p,
+        tta_flip_axes=cfg.uncertainty.tta_flip_axes,
+        tta_max_angle=cfg.uncertainty.tta_max_angle,
+        tta_noise_std=cfg.uncertainty.tta_noise_std,
     )
