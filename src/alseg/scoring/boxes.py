@@ -29,25 +29,39 @@ def grid_shape(shape: Sequence[int], box_size: Sequence[int], stride: Sequence[i
 FLOAT64_MAX_VOXELS = 1 << 22
 
 
+def _index(ndim: int, axis: int, idx: int | slice) -> tuple[int | slice, ...]:
+    out: list[int | slice] = [slice(None)] * ndim
+    out[axis] = idx
+    return tuple(out)
+
+
 def _box_sum_axis(a: np.ndarray, s: int, st: int, axis: int) -> np.ndarray:
-    """Sums over windows of ``s`` along ``axis`` at starts ``0, st, 2 st, ...`` (``a`` may be overwritten)."""
-    n = a.shape[axis]
+    """Sums over windows of ``s`` along ``axis`` at starts ``0, st, 2 st, ...``.
+
+    The last (contiguous) axis uses a cumulative sum and one strided difference; other axes a running window
+    over whole slabs (one add and one subtract of a contiguous slab per step), which avoids numpy's slow
+    strided accumulate and a full-size temporary.
+    """
+    nd, n = a.ndim, a.shape[axis]
     n_pos = (n - s) // st + 1
-    np.cumsum(a, axis=axis, out=a)  # in place: a[k] = sum of a[0..k]
-
-    def sl(start: int | None, stop: int | None, step: int | None = None) -> tuple[slice, ...]:
-        idx = [slice(None)] * a.ndim
-        idx[axis] = slice(start, stop, step)
-        return tuple(idx)
-
     shape = list(a.shape)
     shape[axis] = n_pos
     out = np.empty(shape, dtype=a.dtype)
-    out[sl(0, 1)] = a[sl(s - 1, s)]
-    if n_pos > 1:
-        hi = a[sl(s - 1 + st, s - 1 + st * (n_pos - 1) + 1, st)]
-        lo = a[sl(st - 1, st - 1 + st * (n_pos - 1), st)]
-        np.subtract(hi, lo, out=out[sl(1, None)])
+    if axis == nd - 1:
+        c = np.cumsum(a, axis=axis, dtype=a.dtype)
+        out[..., 0] = c[..., s - 1]
+        if n_pos > 1:
+            np.subtract(
+                c[..., s - 1 + st :: st][..., : n_pos - 1], c[..., st - 1 :: st][..., : n_pos - 1], out=out[..., 1:]
+            )
+        return out
+    acc = np.add.reduce(a[_index(nd, axis, slice(0, s))], axis=axis, dtype=a.dtype)
+    out[_index(nd, axis, 0)] = acc
+    for i in range(1, (n_pos - 1) * st + 1):
+        acc += a[_index(nd, axis, i + s - 1)]
+        acc -= a[_index(nd, axis, i - 1)]
+        if i % st == 0:
+            out[_index(nd, axis, i // st)] = acc
     return out
 
 
@@ -68,7 +82,7 @@ def box_sums(volume: np.ndarray, box_size: Sequence[int], stride: Sequence[int] 
         if s < 1 or st < 1:
             raise ValueError(f"box size {tuple(box_size)} and stride {tuple(stride)} must be positive")
     dtype = np.float64 if volume.size <= FLOAT64_MAX_VOXELS else np.float32
-    out = np.array(volume, dtype=dtype, copy=True)
+    out = np.asarray(volume, dtype=dtype)
     # the axis whose windows shrink the array most goes first
     order = sorted(range(nd), key=lambda ax: ((volume.shape[ax] - box_size[ax]) // stride[ax] + 1) / volume.shape[ax])
     for axis in order:
