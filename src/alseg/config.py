@@ -73,6 +73,14 @@ class ExperimentConfig(BaseModel):
     num_threads: int | None = Field(default=None, ge=1)
     uncertainty: UncertaintyConfig = Field(default_factory=UncertaintyConfig)
     evaluate_every: int = Field(default=1, ge=1)
+    oracle: Literal["simulated", "human"] = Field(
+        default="simulated",
+        description="who labels the regions: the dataset's ground truth (simulated) or people through "
+        "alseg query / alseg import (human); a dataset without any label file is always human",
+    )
+    starting_regions: Path | None = Field(
+        default=None, description="JSON or CSV of the round-0 regions; default: chosen by alseg"
+    )
 
     @field_validator("region_size", "stride")
     @classmethod
@@ -117,6 +125,8 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
         raise ConfigError(_format_validation_error(err, source)) from None
     if base_dir is not None and not cfg.dataset.is_absolute():
         cfg = cfg.model_copy(update={"dataset": (base_dir / cfg.dataset).resolve()})
+    if base_dir is not None and cfg.starting_regions is not None and not cfg.starting_regions.is_absolute():
+        cfg = cfg.model_copy(update={"starting_regions": (base_dir / cfg.starting_regions).resolve()})
     return cfg
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "Dataset",
     "DatasetError",
     "Geometry",
+    "count_nonfinite",
     "demo_dataset_path",
     "load_dataset",
     "read_geometry",
@@ -224,6 +225,29 @@ def _check_integrity(path: Path) -> None:
                 f"{path}: truncated NIfTI data: {n_bytes} bytes; expected at least {expected} bytes "
                 "(header offset + voxels x bytes per voxel)"
             )
+
+
+def count_nonfinite(path: str | Path) -> int:
+    """Number of NaN/inf voxels of an image file (0 for integer data).
+
+    NIfTI files are read with nibabel: SimpleITK (ITK 5.4) reads NaN and inf voxels of NIfTI files as 0.
+    """
+    path = Path(path)
+    if _is_nifti(path):
+        import nibabel as nib
+
+        try:
+            img = nib.load(str(path))
+            if img.get_data_dtype().kind != "f":
+                return 0
+            data = np.asarray(img.dataobj.get_unscaled())
+        except Exception as exc:  # nibabel raises many kinds; any failure here means "unreadable"
+            raise _open_error(path, exc) from exc
+    else:
+        data = sitk.GetArrayViewFromImage(_read_sitk(path))
+        if data.dtype.kind != "f":
+            return 0
+    return int(data.size - np.count_nonzero(np.isfinite(data)))
 
 
 def _label_array(path: Path, image: sitk.Image) -> np.ndarray:
@@ -680,9 +704,9 @@ def _validate_case(
         if check_image_data:
             try:
                 _check_integrity(path)
-                arr = sitk.GetArrayFromImage(reader.Execute())
-                if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
-                    n_bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+                reader.Execute()
+                n_bad = count_nonfinite(path)
+                if n_bad:
                     problems.append(f"{path}: image has {n_bad} NaN/inf voxels; expected finite values")
                     continue
             except DatasetError as exc:
@@ -721,6 +745,8 @@ def _validate_case(
             image = reader.Execute()
         except RuntimeError as exc:
             raise _open_error(label_path, exc) from exc
+        if count_nonfinite(label_path):
+            raise DatasetError(f"{label_path}: label contains NaN/inf values; expected integer label values")
         arr = _label_array(label_path, image)
     except DatasetError as exc:
         problems.append(str(exc))

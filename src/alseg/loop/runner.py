@@ -7,12 +7,16 @@ One experiment is one directory::
     alseg.log            the log
     nnunet/              the backend's frozen plans
     rounds/NNN/          query.json, labels/ (partial labels of the cases changed this round),
-                         model/ (the trained model), evaluation.json
+                         model/ (the trained model), evaluation.json; with the human oracle also
+                         to_annotate/ (the work package) and imported/ (the annotators' files)
 
 Round ``r`` runs the stages ``query`` (round 0: the starting budget; later: the strategy, using the model of
 round ``r - 1``), ``annotate`` (the oracle fills the regions), ``train`` and ``evaluate``. Each stage
 commits in one transaction after its files are complete, so an interrupted run resumes at the first
 stage that is not done, with no region lost or duplicated.
+
+With ``oracle: human`` (see ``alseg.oracle.files``) the annotate stage exports the round's work package and
+the run stops until ``alseg import`` has recorded labels for every region of the round.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
@@ -44,6 +48,9 @@ from alseg.loop.state import ExperimentState, experiment_lock
 from alseg.strategies.base import NotEnoughCandidatesError, PoolView, QueryContext, Strategy
 from alseg.strategies.registry import get_strategy
 from alseg.strategies.starting import starting_budget
+
+if TYPE_CHECKING:
+    from alseg.oracle.files import Waiting
 
 CONFIG_FILE = "config.yaml"
 DB_FILE = "alseg.sqlite"
@@ -98,6 +105,10 @@ def resolve_config(cfg: ExperimentConfig, ds: Dataset) -> ExperimentConfig:
 
         update["profile"] = "gpu" if (cfg.device != "cpu" and torch.cuda.is_available()) else "cpu"
     update["dataset"] = Path(cfg.dataset).resolve()
+    if cfg.oracle == "simulated" and not any(ds.has_label(c) for c in ds.case_ids):
+        update["oracle"] = "human"  # no ground truth at all: people annotate
+    if cfg.starting_regions is not None:
+        update["starting_regions"] = Path(cfg.starting_regions).resolve()
     return cfg.model_copy(update=update)
 
 
@@ -133,23 +144,51 @@ def create_experiment(cfg: ExperimentConfig, exp_dir: Path) -> ExperimentConfig:
     exp_dir = Path(exp_dir)
     if exp_dir.exists() and any(exp_dir.iterdir()):
         raise ExperimentError(f"{exp_dir} exists and is not an alseg experiment (no {CONFIG_FILE})")
-    ds = load_dataset(cfg.dataset)
+    ds = load_dataset(cfg.dataset, require_labels=False)
+    human = cfg.oracle == "human" or not any(ds.has_label(c) for c in ds.case_ids)
+    if not human:
+        ds = load_dataset(cfg.dataset)
     validate_dataset(ds)
     strategy = get_strategy(cfg.strategy, cfg.strategy_params)  # unknown name or parameter: error now
     check_uncertainty(cfg, strategy)
+    if human and strategy.needs.ground_truth:
+        raise ConfigError(
+            f"invalid config: strategy {cfg.strategy!r} reads the ground truth (a simulation baseline), but "
+            "the oracle is human; choose a strategy that needs no ground truth, e.g. random or entropy"
+        )
     cfg = resolve_config(cfg, ds)
-    pool, test = split_holdout(ds.case_ids, cfg.holdout_fraction, cfg.split_seed)
-    needed = cfg.starting_size + (cfg.rounds - 1) * cfg.query_size
+    if human:
+        from alseg.oracle.files import human_split
+
+        pool, test = human_split(ds, cfg.holdout_fraction, cfg.split_seed)
+    else:
+        pool, test = split_holdout(ds.case_ids, cfg.holdout_fraction, cfg.split_seed)
+    start_regions = None
+    if cfg.starting_regions is not None:
+        from alseg.oracle.files import load_starting_regions
+
+        sizes = {c: unit_box_size(cfg.unit, ds.geometry(c).shape, cfg.region_size, cfg.slice_axis) for c in pool}
+        try:
+            start_regions = load_starting_regions(cfg.starting_regions, ds, pool, sizes)
+        except ValueError as err:
+            raise ConfigError(f"invalid config: key 'starting_regions': {err}") from None
+        if cfg.starting_budget is not None and cfg.starting_budget != len(start_regions):
+            raise ConfigError(
+                f"invalid config: starting_budget is {cfg.starting_budget} but starting_regions "
+                f"{cfg.starting_regions} lists {len(start_regions)} regions; leave starting_budget out"
+            )
+    n_start = cfg.starting_size if start_regions is None else len(start_regions)
+    needed = n_start + (cfg.rounds - 1) * cfg.query_size
     cap = capacity(ds, pool, cfg)
     if needed > cap:
         raise ConfigError(
             f"invalid config: {cfg.rounds} rounds need {needed} regions (starting_budget "
-            f"{cfg.starting_size} + {cfg.rounds - 1} x query_size {cfg.query_size}) but the pool of "
+            f"{n_start} + {cfg.rounds - 1} x query_size {cfg.query_size}) but the pool of "
             f"{len(pool)} cases holds at most {cap} non-overlapping {cfg.unit} regions of size "
             f"{cfg.region_size}"
         )
     pool_fg: dict[str, int] = defaultdict(int)
-    for cid in pool:
+    for cid in pool if not human else ():  # the human oracle's pool has no ground truth to count
         gt = ds.read_label(cid)
         for lab in ds.foreground_labels:
             pool_fg[str(lab)] += int(np.count_nonzero(gt == lab))
@@ -166,6 +205,10 @@ def create_experiment(cfg: ExperimentConfig, exp_dir: Path) -> ExperimentConfig:
             state.set_split(conn, pool, test)
             state.set_meta(conn, "pool_fg_voxels", json.dumps(dict(pool_fg)))
             state.set_meta(conn, "alseg_version", __version__)
+            if start_regions is not None:
+                from alseg.oracle.files import regions_to_json
+
+                state.set_meta(conn, "starting_regions", regions_to_json(start_regions))
         state.close()
         if exp_dir.exists():
             exp_dir.rmdir()  # empty, checked above
@@ -182,7 +225,7 @@ def open_or_create(cfg: ExperimentConfig | None, exp_dir: Path) -> ExperimentCon
     if stored_path.exists():
         stored = load_config(stored_path)
         if cfg is not None:
-            ds = load_dataset(cfg.dataset)
+            ds = load_dataset(cfg.dataset, require_labels=False)
             wanted = resolve_config(cfg, ds)
             diff = {
                 k: (getattr(stored, k), getattr(wanted, k))
@@ -228,7 +271,8 @@ class Experiment:
     def __init__(self, exp_dir: Path, cfg: ExperimentConfig, backend_factory: BackendFactory = default_backend) -> None:
         self.dir = Path(exp_dir)
         self.cfg = cfg
-        self.ds = load_dataset(cfg.dataset)
+        self.human = cfg.oracle == "human"
+        self.ds = load_dataset(cfg.dataset, require_labels=not self.human)
         self.state = ExperimentState(self.dir / DB_FILE)
         self.pool, self.test = self.state.split()
         self.strategy: Strategy = get_strategy(cfg.strategy, cfg.strategy_params)
@@ -286,7 +330,7 @@ class Experiment:
             foreground_labels=tuple(self.ds.foreground_labels),
             annotated=lambda cid: annotated_mask(shapes[cid], boxes.get(cid, [])),
             annotated_class_voxels=dict(class_voxels),
-            ground_truth=self.ground_truth,
+            ground_truth=None if self.human else self.ground_truth,
             predictions=predictions,
             region_gradients=gradients,
             n_gradient_params=int(getattr(gradients, "n_params", 0)),
@@ -336,11 +380,21 @@ class Experiment:
             strategy_key=key,
             n_per_case=self.cfg.n_per_case,
         )
+        given = self.state.get_meta("starting_regions") if r == 0 else None
         try:
-            regions = starting_budget(ctx, ctx.query_size) if r == 0 else self.strategy.query(ctx)
+            if given is not None:  # regions from the config's starting_regions file
+                from alseg.oracle.files import regions_from_json
+
+                regions = regions_from_json(given)
+            elif r == 0 and self.human:  # no ground truth to cover the classes: uniform random boxes
+                from alseg.strategies.random import RandomStrategy
+
+                regions = RandomStrategy().query(ctx)
+            else:
+                regions = starting_budget(ctx, ctx.query_size) if r == 0 else self.strategy.query(ctx)
         except NotEnoughCandidatesError as err:
             raise ExperimentError(f"round {r}: {err}") from None
-        self._check_regions(r, regions, ctx.query_size)
+        self._check_regions(r, regions, len(regions) if given is not None else ctx.query_size)
         fault_point("query.selected", r)
         out = self.round_dir(r) / "query.json"
         _write_json_atomic(
@@ -438,6 +492,15 @@ class Experiment:
         plan_dir = self.dir / "nnunet" / "planning_labels"
         planning: dict[str, TrainingCase] = {}
         for cid, case in cases.items():
+            if self.human:  # the annotators' labels: the ignore value becomes background
+                from alseg.oracle.files import read_label_array
+
+                lab = read_label_array(case.label)
+                path = plan_dir / f"{cid}.nii.gz"
+                planning_label = np.where(lab == self.ignore_value, 0, lab).astype(np.uint8)
+                write_label_nifti(path, planning_label, self.ds.geometry(cid))
+                planning[cid] = TrainingCase(case.images, path)
+                continue
             gt = self.ground_truth(cid)
             mask = annotated_mask(gt.shape, self.annotated_boxes(0)[cid])
             path = plan_dir / f"{cid}.nii.gz"
@@ -447,6 +510,9 @@ class Experiment:
 
     def stage_evaluate(self, r: int) -> None:
         t0 = time.perf_counter()
+        if not self.test:  # human oracle on a dataset without labels: nothing to evaluate on
+            self._commit_stage(r, "evaluate", t0, {"skipped": "no held-out cases with labels"})
+            return
         per_case = []
         preds = self.backend.predict(self.model_dir(r), self.test)
         for pred in tqdm(preds, total=len(self.test), desc=f"round {r}: evaluate", unit="case", leave=False):
@@ -472,6 +538,17 @@ class Experiment:
     def cost(self, r: int) -> dict[str, Any]:
         pool_fg = {int(k): v for k, v in json.loads(self.state.get_meta("pool_fg_voxels") or "{}").items()}
         acc = CostAccumulator(self.ds.foreground_labels, pool_fg or None, self.cfg.slice_axis)
+        if self.human:  # only labelled regions count; foreground from the annotators' labels
+            from alseg.oracle.files import read_label_array
+
+            labelled: dict[str, list] = defaultdict(list)
+            for sr in self.state.regions(max_round=r, status="annotated"):
+                labelled[sr.region.case_id].append(sr.region.box)
+            files = self.state.latest_label_files(r)
+            for cid, bs in labelled.items():
+                lab = read_label_array(self.dir / files[cid])
+                acc.add_case(cid, annotated_mask(lab.shape, bs), lab)
+            return acc.result(sum(len(b) for b in labelled.values()))
         boxes = self.annotated_boxes(r)
         for cid, bs in boxes.items():
             gt = self.ground_truth(cid)
@@ -479,7 +556,10 @@ class Experiment:
         return acc.result(sum(len(b) for b in boxes.values()))
 
     # ------------------------------------------------------------ driver
-    def run(self) -> None:
+    def run(self, allow_open: bool = False) -> Waiting | None:
+        """Run every stage not done yet. With the human oracle, stop at the first round whose regions wait for
+        labels and return it (``allow_open``: go on with the labelled regions of that round, closing its open
+        ones; a round queried in this call always waits)."""
         for r in range(self.cfg.rounds):
             for stage in STAGES:
                 if self.state.stage_done(r, stage):
@@ -487,7 +567,17 @@ class Experiment:
                 if stage == "evaluate" and (r % self.cfg.evaluate_every) and r != self.cfg.rounds - 1:
                     continue
                 log.info("round %d: %s", r, stage)
+                if stage == "annotate" and self.human:
+                    from alseg.oracle.files import finish_annotation
+
+                    waiting = finish_annotation(self, r, allow_open)
+                    if waiting is not None:
+                        log.info("round %d: %d regions wait for labels", r, len(waiting.open_regions))
+                        return waiting
+                    allow_open = False  # it closes the round that was waiting, never a new one
+                    continue
                 getattr(self, f"stage_{stage}")(r)
+        return None
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -506,6 +596,42 @@ def setup_logging(exp_dir: Path) -> logging.Handler:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     return handler
+
+
+def advance_experiment(
+    exp_dir: Path, allow_open: bool = False, backend_factory: BackendFactory = default_backend
+) -> Waiting | None:
+    """``alseg query``: continue a human-oracle experiment up to the next round's exported work package.
+
+    Trains on what is annotated, evaluates, queries the next round and exports its work package. Refuses
+    (changing nothing) while regions of the waiting round are open, unless ``allow_open``. Returns the round
+    now waiting for labels, or None when the experiment is complete.
+    """
+    exp_dir = Path(exp_dir)
+    cfg = open_or_create(None, exp_dir)
+    if cfg.oracle != "human":
+        raise ExperimentError(f"{exp_dir} annotates from ground truth (oracle: simulated); use `alseg run` to continue")
+    with experiment_lock(exp_dir):
+        handler = setup_logging(exp_dir)
+        try:
+            exp = Experiment(exp_dir, cfg, backend_factory)
+            try:
+                waiting = exp.run(allow_open=allow_open)
+            finally:
+                exp.state.close()
+        finally:
+            log.removeHandler(handler)
+            handler.close()
+    if waiting is not None and not waiting.exported_now:
+        shown = ", ".join(f"{rid} ({cid})" for rid, cid in waiting.open_regions[:20])
+        more = len(waiting.open_regions) - min(20, len(waiting.open_regions))
+        raise ExperimentError(
+            f"round {waiting.round_index}: {len(waiting.open_regions)} of {waiting.n_regions} regions are still "
+            f"open: {shown}{f' and {more} more' if more else ''}; import their labels with "
+            f"`alseg import {exp_dir} LABELS_DIR`, or pass --allow-open to train on the labelled ones "
+            "(the open regions are then closed unlabelled)"
+        )
+    return waiting
 
 
 def run_experiment(

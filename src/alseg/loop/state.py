@@ -35,6 +35,10 @@ CREATE TABLE IF NOT EXISTS label_files (
     round INTEGER NOT NULL, case_id TEXT NOT NULL, path TEXT NOT NULL, sha256 TEXT NOT NULL,
     PRIMARY KEY (round, case_id));
 CREATE TABLE IF NOT EXISTS metrics (round INTEGER PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS imported_files (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, round INTEGER NOT NULL, case_id TEXT NOT NULL, path TEXT NOT NULL,
+    sha256 TEXT NOT NULL, source TEXT NOT NULL, n_outside INTEGER NOT NULL DEFAULT 0,
+    replaced_by INTEGER, imported_at TEXT DEFAULT (datetime('now')));
 """
 
 
@@ -50,6 +54,7 @@ class StoredRegion:
     status: str
     n_voxels: int
     fg_voxels: dict[str, int] | None
+    annotated_by: str | None = None
 
 
 @contextlib.contextmanager
@@ -189,7 +194,10 @@ class ExperimentState:
     def regions(
         self, round_index: int | None = None, max_round: int | None = None, status: str | None = None
     ) -> list[StoredRegion]:
-        sql = "SELECT id, round, case_id, box_start, box_size, score, info, status, n_voxels, fg_voxels FROM regions"
+        sql = (
+            "SELECT id, round, case_id, box_start, box_size, score, info, status, n_voxels, fg_voxels, annotated_by "
+            "FROM regions"
+        )
         where, args = [], []
         if round_index is not None:
             where.append("round = ?")
@@ -204,14 +212,14 @@ class ExperimentState:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY id"
         out = []
-        for rid, rnd, cid, start, size, score, info, st, nvox, fg in self.conn.execute(sql, args).fetchall():
+        for rid, rnd, cid, start, size, score, info, st, nvox, fg, by in self.conn.execute(sql, args).fetchall():
             region = Region(
                 cid,
                 Box(tuple(json.loads(start)), tuple(json.loads(size))),
                 float("nan") if score is None else score,
                 json.loads(info),
             )
-            out.append(StoredRegion(rid, rnd, region, st, nvox, json.loads(fg) if fg else None))
+            out.append(StoredRegion(rid, rnd, region, st, nvox, json.loads(fg) if fg else None, by))
         return out
 
     # ------------------------------------------------------------ label files
@@ -226,6 +234,40 @@ class ExperimentState:
             "SELECT case_id, path FROM label_files WHERE round <= ? ORDER BY round", (max_round,)
         ).fetchall()
         return dict(rows)  # later rounds overwrite earlier ones
+
+    # ------------------------------------------------------------ imported label files (human oracle)
+    def add_imported_file(
+        self,
+        conn: sqlite3.Connection,
+        round_index: int,
+        case_id: str,
+        path: str,
+        sha256: str,
+        source: str,
+        n_outside: int = 0,
+    ) -> int:
+        cur = conn.execute(
+            "INSERT INTO imported_files (round, case_id, path, sha256, source, n_outside) VALUES (?, ?, ?, ?, ?, ?)",
+            (round_index, case_id, path, sha256, source, n_outside),
+        )
+        return int(cur.lastrowid or 0)
+
+    def replace_imported_file(self, conn: sqlite3.Connection, old_id: int, new_id: int) -> None:
+        conn.execute("UPDATE imported_files SET replaced_by = ? WHERE id = ?", (new_id, old_id))
+
+    def imported_files(self, round_index: int | None = None, current_only: bool = False) -> list[dict[str, Any]]:
+        """Imported label files, oldest first; ``current_only`` leaves out the replaced ones."""
+        sql = "SELECT id, round, case_id, path, sha256, source, n_outside, replaced_by, imported_at FROM imported_files"
+        where, args = [], []
+        if round_index is not None:
+            where.append("round = ?")
+            args.append(round_index)
+        if current_only:
+            where.append("replaced_by IS NULL")
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        keys = ("id", "round", "case_id", "path", "sha256", "source", "n_outside", "replaced_by", "imported_at")
+        return [dict(zip(keys, row, strict=True)) for row in self.conn.execute(sql + " ORDER BY id", args).fetchall()]
 
     # ------------------------------------------------------------ metrics
     def set_metrics(self, conn: sqlite3.Connection, round_index: int, data: dict[str, Any]) -> None:

@@ -11,7 +11,11 @@ from alseg.loop.state import ExperimentState
 
 
 def experiment_status(exp_dir: Path) -> dict[str, Any]:
-    """Per round: regions, annotation cost, Dice (foreground mean and per class), stages done."""
+    """Per round: regions, annotation cost, Dice (foreground mean and per class), stages done.
+
+    With the human oracle also ``annotation``: the round waiting for labels and every region's state
+    (done and by which file, waiting, or closed unlabelled).
+    """
     exp_dir = Path(exp_dir)
     if not (exp_dir / CONFIG_FILE).exists() or not (exp_dir / DB_FILE).exists():
         raise ExperimentError(f"{exp_dir} is not an alseg experiment (no {CONFIG_FILE} / {DB_FILE})")
@@ -21,6 +25,11 @@ def experiment_status(exp_dir: Path) -> dict[str, Any]:
         metrics = state.metrics()
         stages = state.stages()
         regions = state.regions()
+        annotation = None
+        if cfg.oracle == "human":
+            from alseg.oracle.files import annotation_rows, waiting_round
+
+            annotation = {"waiting_round": waiting_round(state), "regions": annotation_rows(state)}
     finally:
         state.close()
     rounds_seen = sorted({s["round"] for s in stages} | set(metrics))
@@ -50,7 +59,9 @@ def experiment_status(exp_dir: Path) -> dict[str, Any]:
         "experiment": str(exp_dir),
         "strategy": cfg.strategy,
         "seed": cfg.seed,
+        "oracle": cfg.oracle,
         "rounds_planned": cfg.rounds,
         "complete": bool(rows) and len(rows) == cfg.rounds and "evaluate" in rows[-1]["stages_done"],
         "rounds": rows,
+        **({"annotation": annotation} if annotation is not None else {}),
     }
