@@ -62,11 +62,11 @@ def region_set(exp: Path) -> list[tuple]:
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ref")
-    cfg = write_config(root / "cfg.yaml")
-    exp = root / "exp"
-    proc = alseg("run", str(cfg), "--out", str(exp))
+    write_config(root / "cfg.yaml")
+    # a relative --out, as in the README's demo command: nnU-Net's worker runs in another directory
+    proc = alseg("run", "cfg.yaml", "--out", "exp", cwd=root)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return exp
+    return root / "exp"
 
 
 def test_run_with_real_backend(reference_run: Path) -> None:

@@ -269,7 +269,7 @@ class Experiment:
     """A running experiment: the dataset, its state and the backend."""
 
     def __init__(self, exp_dir: Path, cfg: ExperimentConfig, backend_factory: BackendFactory = default_backend) -> None:
-        self.dir = Path(exp_dir)
+        self.dir = Path(exp_dir).resolve()
         self.cfg = cfg
         self.human = cfg.oracle == "human"
         self.ds = load_dataset(cfg.dataset, require_labels=not self.human)

@@ -93,7 +93,7 @@ class NnUNetBackend:
         self.tta_flip_axes = tta_flip_axes
         self.tta_max_angle = tta_max_angle
         self.tta_noise_std = tta_noise_std
-        self.workspace = Path(workspace)
+        self.workspace = Path(workspace).resolve()
         self.read_image = read_image
         self.base_configuration = configuration
         self.profile = get_profile(profile) if isinstance(profile, str) else profile
@@ -137,6 +137,7 @@ class NnUNetBackend:
 
     def _run_worker(self, command: str, spec: dict[str, Any], work: Path, training: bool) -> None:
         work.mkdir(parents=True, exist_ok=True)
+        work = work.resolve()  # the worker runs with cwd=work: every path it gets is absolute
         spec_file = work / f"{command}_spec.json"
         spec_file.write_text(json.dumps(spec, indent=2))
         log_file = work / f"{command}.log"
