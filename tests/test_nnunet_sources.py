@@ -34,8 +34,16 @@ def small_hippocampus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run_two_rounds(dataset: Path, out: Path, strategy: str, uncertainty: dict | None = None) -> Path:
     cfg = ExperimentConfig(
-        dataset=dataset, strategy=strategy, seed=3, rounds=2, query_size=4, profile="cpu", device="cpu",
-        num_threads=2, schedule=TINY, uncertainty=uncertainty or {"source": "softmax", "n_samples": 1},
+        dataset=dataset,
+        strategy=strategy,
+        seed=3,
+        rounds=2,
+        query_size=4,
+        profile="cpu",
+        device="cpu",
+        num_threads=2,
+        schedule=TINY,
+        uncertainty=uncertainty or {"source": "softmax", "n_samples": 1},
     )
     return run_experiment(cfg, out)
 
@@ -68,8 +76,9 @@ def check(exp: Path, strategy: str) -> list:
         ("ensemble", 2, "power_bald"),
     ],
 )
-def test_uncertainty_source(small_hippocampus: Path, tmp_path: Path, source: str, n_samples: int,
-                            strategy: str) -> None:
+def test_uncertainty_source(
+    small_hippocampus: Path, tmp_path: Path, source: str, n_samples: int, strategy: str
+) -> None:
     exp = run_two_rounds(small_hippocampus, tmp_path / "exp", strategy, {"source": source, "n_samples": n_samples})
     queried = check(exp, strategy)
     assert all(np.isfinite(r.region.score) for r in queried)
@@ -88,8 +97,9 @@ def test_uncertainty_source(small_hippocampus: Path, tmp_path: Path, source: str
     ("strategy", "uncertainty"),
     [("badge", None), ("coreset", None), ("usim_c", {"source": "mc_dropout", "n_samples": 2})],
 )
-def test_feature_and_gradient_strategies(small_hippocampus: Path, tmp_path: Path, strategy: str,
-                                         uncertainty: dict | None) -> None:
+def test_feature_and_gradient_strategies(
+    small_hippocampus: Path, tmp_path: Path, strategy: str, uncertainty: dict | None
+) -> None:
     queried = check(run_two_rounds(small_hippocampus, tmp_path / "exp", strategy, uncertainty), strategy)
     if strategy == "usim_c":
         assert all("marginal_gain" in r.region.info for r in queried)

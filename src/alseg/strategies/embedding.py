@@ -69,10 +69,18 @@ def _collect(ctx: QueryContext, fraction: float, per_voxel: Any, reduce: str) ->
             out.sizes.extend([box] * len(idx))
             out.embeddings.append(emb[(slice(None), *idx.T)].T)
         if annotated.any():
-            # grid positions entirely inside annotated voxels stand for the annotated regions
-            inside = box_sums(annotated.astype(np.float32), box, stride) >= np.prod(box) - 0.5
-            if inside.any():
-                out.annotated.append(emb[(slice(None), *np.argwhere(inside).T)].T)
+            # the annotated regions: every box position (stride 1) lying entirely inside annotated voxels, which
+            # includes each annotated box itself; embedded directly, at most 64 per case
+            inside = np.argwhere(box_sums(annotated.astype(np.float32), box, 1) >= np.prod(box) - 0.5)[:64]
+            reducer = np.mean if reduce == "mean" else np.sum
+            rows = [
+                reducer(
+                    maps[(slice(None), *Box(tuple(int(v) for v in p), box).slices())].reshape(len(maps), -1), axis=1
+                )
+                for p in inside
+            ]
+            if rows:
+                out.annotated.append(np.stack(rows))
     return out
 
 
