@@ -26,6 +26,7 @@ class ScheduleConfig(BaseModel):
     warm_start: bool = True
     initial_lr: float | None = Field(default=None, gt=0)
     first_round_epochs: int | None = Field(default=None, gt=0, description="epochs of the from-scratch round")
+    warm_start_lr: float | None = Field(default=None, gt=0, description="initial LR of warm-started rounds")
 
 
 class UncertaintyConfig(BaseModel):

@@ -66,3 +66,10 @@ def test_first_round_epochs_apply_only_from_scratch() -> None:
     plain = Schedule(epochs=3, iterations_per_epoch=5)
     assert plain.to_spec(from_scratch=True)["epochs"] == 3
     assert "warm_start" not in plain.to_spec(from_scratch=True)
+
+
+def test_warm_start_lr_applies_only_to_warm_started_rounds() -> None:
+    s = Schedule(epochs=8, iterations_per_epoch=50, warm_start=True, initial_lr=0.01, warm_start_lr=0.003)
+    assert s.to_spec(from_scratch=True)["initial_lr"] == 0.01
+    assert s.to_spec(from_scratch=False)["initial_lr"] == 0.003
+    assert "warm_start_lr" not in s.to_spec(from_scratch=False)

@@ -31,13 +31,18 @@ class Schedule:
     warm_start: bool = False
     initial_lr: float | None = None
     first_round_epochs: int | None = None  # epochs of a round trained from scratch; default ``epochs``
+    warm_start_lr: float | None = None  # initial learning rate of warm-started rounds; default ``initial_lr``
 
     def to_spec(self, from_scratch: bool) -> dict[str, Any]:
         spec = {
-            k: v for k, v in asdict(self).items() if v is not None and k not in ("warm_start", "first_round_epochs")
+            k: v
+            for k, v in asdict(self).items()
+            if v is not None and k not in ("warm_start", "first_round_epochs", "warm_start_lr")
         }
         if from_scratch and self.first_round_epochs is not None:
             spec["epochs"] = self.first_round_epochs
+        if not from_scratch and self.warm_start_lr is not None:
+            spec["initial_lr"] = self.warm_start_lr
         return spec
 
 
