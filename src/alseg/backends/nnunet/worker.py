@@ -73,7 +73,6 @@ def train(spec: dict[str, Any]) -> None:
     _seed_everything(int(spec["seed"]))
 
     from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
-    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -116,7 +115,10 @@ def train(spec: dict[str, Any]) -> None:
     trainer.initialize()
     init = spec.get("init_checkpoint")
     if init:
-        load_pretrained_weights(trainer.network, init, verbose=False)
+        # all weights, the segmentation heads included: nnU-Net's load_pretrained_weights skips the heads (it is
+        # meant for fine-tuning to another task), which re-initialised them at every warm-started round
+        checkpoint = torch.load(init, map_location="cpu", weights_only=False)
+        trainer.network.load_state_dict(checkpoint["network_weights"])
     t1 = time.perf_counter()
     trainer.run_training()
     t_train = time.perf_counter() - t1
