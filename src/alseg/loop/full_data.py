@@ -30,9 +30,7 @@ from alseg.loop.runner import (
     DB_FILE,
     BackendFactory,
     Experiment,
-    _write_json_atomic,
     default_backend,
-    fault_point,
     log,
     open_or_create,
     resolve_config,
@@ -104,25 +102,7 @@ class FullDataExperiment(Experiment):
             for shape in [self.ds.geometry(cid).shape]
         ]
         self._check_regions(r, regions, len(self.pool))
-        _write_json_atomic(
-            self.round_dir(r) / "query.json",
-            {
-                "round": r,
-                "strategy": FULL_DATA_STRATEGY,
-                "params": {},
-                "regions": [
-                    {"case_id": g.case_id, **g.box.to_json(), "score": g.score, "info": g.info} for g in regions
-                ],
-            },
-        )
-        fault_point("query.before_commit", r)
-        self._commit_stage(
-            r,
-            "query",
-            t0,
-            {"n_regions": len(regions), "strategy": FULL_DATA_STRATEGY},
-            lambda conn: self.state.add_regions(conn, r, regions, FULL_DATA_STRATEGY),
-        )
+        self._record_query(r, t0, regions, FULL_DATA_STRATEGY, {})
         log.info("full-data reference: all %d pool cases selected", len(regions))
 
 

@@ -396,13 +396,17 @@ class Experiment:
             raise ExperimentError(f"round {r}: {err}") from None
         self._check_regions(r, regions, len(regions) if given is not None else ctx.query_size)
         fault_point("query.selected", r)
-        out = self.round_dir(r) / "query.json"
+        self._record_query(r, t0, regions, key, self.strategy.params() if r > 0 else {})
+        log.info("round %d: %s chose %d regions in %.1f s", r, key, len(regions), time.perf_counter() - t0)
+
+    def _record_query(self, r: int, t0: float, regions: list[Region], key: str, params: dict[str, Any]) -> None:
+        """Write rounds/NNN/query.json, then commit the regions and the query stage in one transaction."""
         _write_json_atomic(
-            out,
+            self.round_dir(r) / "query.json",
             {
                 "round": r,
                 "strategy": key,
-                "params": self.strategy.params() if r > 0 else {},
+                "params": params,
                 "regions": [
                     {"case_id": g.case_id, **g.box.to_json(), "score": g.score, "info": g.info} for g in regions
                 ],
@@ -416,7 +420,6 @@ class Experiment:
             {"n_regions": len(regions), "strategy": key},
             lambda conn: self.state.add_regions(conn, r, regions, key),
         )
-        log.info("round %d: %s chose %d regions in %.1f s", r, key, len(regions), time.perf_counter() - t0)
 
     def _check_regions(self, r: int, regions: list[Region], expected: int) -> None:
         if len(regions) != expected:
