@@ -53,3 +53,19 @@ def save_result(name: str, data: dict[str, Any]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out))
+
+
+def box_setting_config(dataset: Path, strategy: str, seed: int, rounds: int, query_size: int) -> Any:
+    """The benchmarks' 3D setting: 20^3-style boxes (dataset default), ``cpu`` profile, on the CPU."""
+    from alseg.config import ExperimentConfig
+
+    return ExperimentConfig(
+        dataset=dataset,
+        strategy=strategy,
+        seed=seed,
+        rounds=rounds,
+        query_size=query_size,
+        unit="box",
+        profile="cpu",
+        device="cpu",
+    )

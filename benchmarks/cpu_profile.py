@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import save_result, shared_hippocampus
+from _common import box_setting_config, save_result, shared_hippocampus
 
 
 def main() -> None:
-    from alseg.config import ExperimentConfig
     from alseg.loop.runner import run_experiment
     from alseg.loop.state import ExperimentState
 
@@ -38,16 +37,7 @@ def main() -> None:
     per_seed: dict[int, dict[int, float]] = {}
     train_minutes: list[float] = []
     for seed in args.seeds:
-        cfg = ExperimentConfig(
-            dataset=args.dataset,
-            strategy="random_fg33",
-            seed=seed,
-            rounds=args.rounds,
-            query_size=args.query_size,
-            unit="box",
-            profile="cpu",
-            device="cpu",
-        )
+        cfg = box_setting_config(args.dataset, "random_fg33", seed, args.rounds, args.query_size)
         exp = args.work / f"seed{seed}"
         run_experiment(cfg, exp)
         state = ExperimentState(exp / "alseg.sqlite")

@@ -12,7 +12,8 @@ PLANS = {
     "configurations": {
         "3d_fullres": {
             "data_identifier": "nnUNetPlans_3d_fullres",
-            "batch_size": 2,
+            "batch_size": 7,
+            "patch_size": [40, 56, 40],
             "architecture": {
                 "network_class_name": "PlainConvUNet",
                 "arch_kwargs": {
@@ -53,6 +54,17 @@ def test_mc_dropout_adds_dropout_to_every_conv_block(profile: str) -> None:
     assert kw["dropout_op"] == "torch.nn.Dropout" and kw["dropout_op_kwargs"]["p"] == 0.01
     expected = [16, 32, 64, 128] if profile == "cpu" else [32, 64, 128, 256]
     assert kw["features_per_stage"] == expected
+
+
+def test_cpu_profile_fixes_the_batch_size_whatever_nnunet_planned() -> None:
+    """nnU-Net's batch depends on the planned dataset's size; the cpu profile's does not (runs and reference)."""
+    plans = copy.deepcopy(PLANS)
+    plans["configurations"]["2d"] = {**copy.deepcopy(PLANS["configurations"]["3d_fullres"]), "patch_size": [56, 40]}
+    plans["configurations"]["2d"]["batch_size"] = 274
+    assert plans["configurations"][derive_configuration(plans, "3d_fullres", get_profile("cpu"))]["batch_size"] == 2
+    assert plans["configurations"][derive_configuration(plans, "2d", get_profile("cpu"))]["batch_size"] == 32
+    assert derive_configuration(plans, "3d_fullres", get_profile("gpu")) == "3d_fullres"
+    assert plans["configurations"]["3d_fullres"]["batch_size"] == 7  # gpu: nnU-Net's own plans
 
 
 def test_unknown_configuration_names_the_available_ones() -> None:

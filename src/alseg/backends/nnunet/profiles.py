@@ -9,7 +9,11 @@ calibrated by ``benchmarks/cpu_profile.py``:
 - a short schedule (see ``CPU_SCHEDULE``) with warm start from the previous round's model, as seed 001 does;
   the first round, trained from scratch, gets more epochs (a network from scratch first predicts only
   background and picks up each class at a random moment);
-- a fixed number of training iterations per round instead of nnU-Net's 250 000.
+- a fixed number of training iterations per round instead of nnU-Net's 250 000;
+- a fixed batch size (2 for 3D, 32 for 2D): nnU-Net caps the batch at 5% of the planned dataset's voxels, so
+  its batch depends on how many cases the planning saw (2 for a 20-box starting budget of Hippocampus, 7 for
+  the full pool); fixed, the active-learning runs and their full-data reference train the same network with
+  the same batch, and a reference round costs what a round costs.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ class Profile:
     schedule: Schedule
     feature_scale: float = 1.0  # multiplies features per stage
     max_features: int | None = None
-    batch_size: int | None = None
+    batch_size: dict[int, int] | None = None  # image dimensionality (2 or 3) -> batch size
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -74,7 +78,8 @@ def get_profile(name: str, schedule: Schedule | None = None) -> Profile:
             "cpu",
             schedule or CPU_SCHEDULE,
             feature_scale=0.5,
-            notes=("features per stage halved", "short schedule with warm start"),
+            batch_size={2: 32, 3: 2},
+            notes=("features per stage halved", "short schedule with warm start", "batch 2 (3D) / 32 (2D)"),
         )
     raise ValueError(f"unknown profile {name!r}; expected one of 'gpu', 'cpu'")
 
@@ -105,7 +110,7 @@ def derive_configuration(plans: dict[str, Any], base: str, profile: Profile, dro
         kw["dropout_op_kwargs"] = {"p": float(dropout_p), "inplace": False}
     config: dict[str, Any] = {"inherits_from": base, "architecture": arch}
     if profile.batch_size is not None:
-        config["batch_size"] = profile.batch_size
+        config["batch_size"] = profile.batch_size[len(_resolved(plans, base)["patch_size"])]
     plans["configurations"][name] = config
     return name
 
