@@ -421,6 +421,35 @@ def _rel(root: Path, p: str) -> Path:
     return path if path.is_absolute() else (root / path)
 
 
+def _dataset(
+    root: Path,
+    meta: dict[str, Any],
+    labels: Mapping[int, str],
+    channel_names: Mapping[int, str],
+    images: Mapping[str, Sequence[Path]],
+    label_paths: Mapping[str, Path],
+    file_ending: str,
+    layout: Layout,
+    require_labels: bool,
+    problems: Sequence[str],
+) -> Dataset:
+    """The :class:`Dataset` of a parsed layout; ``numTraining`` kept only when it is an integer."""
+    num = meta.get("numTraining")
+    return Dataset(
+        root=root,
+        name=str(meta.get("name", root.name)),
+        labels=labels,
+        channel_names=channel_names,
+        images=images,
+        label_paths=label_paths,
+        file_ending=file_ending,
+        layout=layout,
+        require_labels=require_labels,
+        num_training=num if isinstance(num, int) and not isinstance(num, bool) else None,
+        layout_problems=problems,
+    )
+
+
 def _load_nnunet(root: Path, meta: dict[str, Any], json_path: Path, require_labels: bool) -> Dataset:
     channel_names: dict[int, str] = {}
     raw_channels = meta["channel_names"]
@@ -518,19 +547,8 @@ def _load_nnunet(root: Path, meta: dict[str, Any], json_path: Path, require_labe
             images[case_id] = [images_dir / f"{case_id}_{c:04d}{file_ending}" for c in range(n_ch)]
             label_paths[case_id] = root / "labelsTr" / f"{case_id}{file_ending}"
 
-    num = meta.get("numTraining")
-    return Dataset(
-        root=root,
-        name=str(meta.get("name", root.name)),
-        labels=labels,
-        channel_names=channel_names,
-        images=images,
-        label_paths=label_paths,
-        file_ending=file_ending,
-        layout="nnunetv2",
-        require_labels=require_labels,
-        num_training=num if isinstance(num, int) and not isinstance(num, bool) else None,
-        layout_problems=problems,
+    return _dataset(
+        root, meta, labels, channel_names, images, label_paths, file_ending, "nnunetv2", require_labels, problems
     )
 
 
@@ -615,20 +633,8 @@ def _load_msd(root: Path, meta: dict[str, Any], json_path: Path, require_labels:
         if len(endings) > 1:
             raise DatasetError(f"{root / 'imagesTr'}: mixed file endings {sorted(endings)}; expected one")
 
-    num = meta.get("numTraining")
-    return Dataset(
-        root=root,
-        name=str(meta.get("name", root.name)),
-        labels=labels,
-        channel_names=channel_names,
-        images=images,
-        label_paths=label_paths,
-        file_ending=next(iter(endings)) if endings else ".nii.gz",
-        layout="msd",
-        require_labels=require_labels,
-        num_training=num if isinstance(num, int) and not isinstance(num, bool) else None,
-        layout_problems=problems,
-    )
+    ending = next(iter(endings)) if endings else ".nii.gz"
+    return _dataset(root, meta, labels, channel_names, images, label_paths, ending, "msd", require_labels, problems)
 
 
 def load_dataset(path: str | Path, require_labels: bool = True) -> Dataset:

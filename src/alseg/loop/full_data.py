@@ -34,7 +34,7 @@ from alseg.loop.runner import (
     log,
     open_or_create,
     resolve_config,
-    setup_logging,
+    run_logged,
 )
 from alseg.loop.state import ExperimentState, experiment_lock
 
@@ -150,12 +150,5 @@ def run_full_data(cfg: ExperimentConfig, exp_dir: Path, backend_factory: Backend
                     state.set_meta(conn, FULL_DATA_META, json.dumps(marker))
         finally:
             state.close()
-        handler = setup_logging(exp_dir)
-        try:
-            exp = FullDataExperiment(exp_dir, full_cfg, backend_factory)
-            exp.run()
-            exp.state.close()
-        finally:
-            log.removeHandler(handler)
-            handler.close()
+        run_logged(FullDataExperiment, exp_dir, full_cfg, backend_factory)
     return exp_dir

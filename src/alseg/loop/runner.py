@@ -644,12 +644,17 @@ def run_experiment(
     exp_dir = Path(exp_dir)
     cfg = open_or_create(cfg, exp_dir)
     with experiment_lock(exp_dir):
-        handler = setup_logging(exp_dir)
-        try:
-            exp = Experiment(exp_dir, cfg, backend_factory)
-            exp.run()
-            exp.state.close()
-        finally:
-            log.removeHandler(handler)
-            handler.close()
+        run_logged(Experiment, exp_dir, cfg, backend_factory)
     return exp_dir
+
+
+def run_logged(kind: type[Experiment], exp_dir: Path, cfg: ExperimentConfig, backend_factory: BackendFactory) -> None:
+    """Run an experiment of class ``kind`` to its end with the log file attached (the caller holds the lock)."""
+    handler = setup_logging(exp_dir)
+    try:
+        exp = kind(exp_dir, cfg, backend_factory)
+        exp.run()
+        exp.state.close()
+    finally:
+        log.removeHandler(handler)
+        handler.close()
