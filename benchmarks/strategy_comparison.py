@@ -5,8 +5,8 @@ experiment (3D boxes of 20^3, starting budget 20, 20 boxes per round, ``cpu`` pr
 ``cpu_profile.py``), then ``alseg run --full-data`` of the same config, then ``alseg report`` over all of
 them (HTML, CSV tables, the figures as PNG files). Experiments are resumed, so a second call only rebuilds the
 report; ``--from-cpu-profile DIR`` copies the ``random_fg33`` runs of ``cpu_profile.py`` (``DIR/seedN``) in
-instead of training them again (the configs are the same). Takes about 15 minutes per experiment and
-25 minutes for the full-data reference on 2 cores: this is not a 10-minute benchmark.
+instead of training them again (the configs are the same). Takes about 14 minutes per experiment and
+10 minutes for the full-data reference on 2 cores: this is not a 10-minute benchmark.
 
     python benchmarks/strategy_comparison.py [--strategies random_fg33 entropy] [--seeds 0 1]
         [--work DIR] [--from-cpu-profile /tmp/alseg_cpu_profile]
