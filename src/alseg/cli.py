@@ -224,22 +224,25 @@ def strategies(
     Console().print(table)
 
 
+# the arguments and options ``report`` and ``compare`` share
+ExpDirs = Annotated[list[Path], typer.Argument(help="experiment directories (a folder of experiments stands for all)")]
+Baseline = Annotated[
+    str | None, typer.Option("--baseline", help="strategy the significance marks refer to (default: random)")
+]
+FullData = Annotated[list[Path] | None, typer.Option("--full-data", help="full-data reference experiment (repeatable)")]
+AubcX = Annotated[str, typer.Option("--aubc-x", help="AUBC's x axis: 'round' (default) or 'voxels'")]
+
+
 @app.command()
 def report(
-    exp_dirs: Annotated[
-        list[Path], typer.Argument(help="experiment directories (a folder of experiments stands for all)")
-    ],
+    exp_dirs: ExpDirs,
     out: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write")] = Path("report.html"),
     csv: Annotated[
         Path | None, typer.Option("--csv", help="also write the tables as CSV files into this folder")
     ] = None,
-    baseline: Annotated[
-        str | None, typer.Option("--baseline", help="strategy the significance marks refer to (default: random)")
-    ] = None,
-    full_data: Annotated[
-        list[Path] | None, typer.Option("--full-data", help="full-data reference experiment (repeatable)")
-    ] = None,
-    aubc_x: Annotated[str, typer.Option("--aubc-x", help="AUBC's x axis: 'round' (default) or 'voxels'")] = "round",
+    baseline: Baseline = None,
+    full_data: FullData = None,
+    aubc_x: AubcX = "round",
     figures: Annotated[
         Path | None, typer.Option("--figures", help="also save the figures as PNG files into this folder")
     ] = None,
@@ -261,16 +264,10 @@ def report(
 
 @app.command()
 def compare(
-    exp_dirs: Annotated[
-        list[Path], typer.Argument(help="experiment directories (a folder of experiments stands for all)")
-    ],
-    baseline: Annotated[
-        str | None, typer.Option("--baseline", help="strategy the significance marks refer to (default: random)")
-    ] = None,
-    full_data: Annotated[
-        list[Path] | None, typer.Option("--full-data", help="full-data reference experiment (repeatable)")
-    ] = None,
-    aubc_x: Annotated[str, typer.Option("--aubc-x", help="AUBC's x axis: 'round' (default) or 'voxels'")] = "round",
+    exp_dirs: ExpDirs,
+    baseline: Baseline = None,
+    full_data: FullData = None,
+    aubc_x: AubcX = "round",
 ) -> None:
     """Print the comparison table: AUBC, final Dice, FG-Eff and Φ per strategy (mean ± std over seeds)."""
     from alseg.report.compare import compare as compare_results
@@ -282,7 +279,6 @@ def compare(
     console = Console(width=None if sys.stdout.isatty() else 160)
     if cmp.summary.empty:
         console.print("no evaluated rounds yet", markup=False)
-    ref = res.reference_dice()
     for setting, df in cmp.summary.groupby("setting", sort=True):
         table = Table(title=str(setting), title_justify="left")
         for col in ("strategy", "seeds", "rounds", "AUBC", "Final Dice", "FG-Eff", "Φ", "Φ (Holm)"):
@@ -299,9 +295,9 @@ def compare(
                 "-" if r.phi != r.phi else f"{r.phi:.2f}",
                 "-" if r.phi_holm != r.phi_holm else f"{r.phi_holm:.2f}",
             )
-        keys = {e.dataset_key for e in res.al_experiments if e.setting == setting}
-        for k in sorted(keys & set(ref)):
-            table.add_row("full data (reference)", "", "1", "", f"{ref[k]:.3f}", "", "", "")
+        ref = res.reference_for_setting(str(setting))
+        if ref is not None:
+            table.add_row("full data (reference)", "", "1", "", f"{ref:.3f}", "", "", "")
         console.print(table)
     mark = f"▲/▼: significantly above/below {cmp.baseline} (paired t-test over seeds, p < 0.05)" if cmp.baseline else ""
     for line in [mark, cmp.ppm_note or "", *cmp.notes]:

@@ -268,7 +268,6 @@ def _section_summary(cmp: Comparison) -> str:
             else "No baseline: no significance marks.</p>"
         )
     ]
-    ref = cmp.results.reference_dice()
     for setting, df in s.groupby("setting", sort=True):
         parts.append(f"<h3>{_e(setting)}</h3>")
         rows, classes = [], []
@@ -290,9 +289,9 @@ def _section_summary(cmp: Comparison) -> str:
                 ]
             )
             classes.append("baseline" if r.baseline else "")
-        keys = {e.dataset_key for e in cmp.results.al_experiments if e.setting == setting}
-        for k in sorted(keys & set(ref)):
-            rows.append(["full data (reference)", "", "1", "", _num(ref[k]), "", "", ""])
+        ref = cmp.results.reference_for_setting(str(setting))
+        if ref is not None:
+            rows.append(["full data (reference)", "", "1", "", _num(ref), "", "", ""])
             classes.append("reference")
         parts.append(
             _table(
