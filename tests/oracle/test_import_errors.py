@@ -85,6 +85,15 @@ class Ctx:
         return sitk.GetArrayFromImage(self.image())
 
 
+def _fresh_copy(template: tuple[Path, Path], tmp_path: Path) -> Ctx:
+    """A copy of the waiting experiment and of its good label files, to break."""
+    exp = tmp_path / "exp"
+    shutil.copytree(template[0], exp, symlinks=True)
+    labels = tmp_path / "labels"
+    shutil.copytree(template[1], labels)
+    return Ctx(exp, labels, json.loads((exp / "rounds/000/to_annotate/manifest.json").read_text()))
+
+
 def _snapshot(exp: Path) -> tuple[dict[str, str], list[str]]:
     files = {
         str(p.relative_to(exp)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
@@ -314,12 +323,8 @@ def test_bad_input_leaves_the_experiment_unchanged(
     error: type[Exception],
     expected: list[str],
 ) -> None:
-    exp = tmp_path / "exp"
-    shutil.copytree(template[0], exp, symlinks=True)
-    labels = tmp_path / "labels"
-    shutil.copytree(template[1], labels)
-    manifest = json.loads((exp / "rounds/000/to_annotate/manifest.json").read_text())
-    ctx = Ctx(exp, labels, manifest)
+    ctx = _fresh_copy(template, tmp_path)
+    exp, labels = ctx.exp, ctx.labels
     mutate(ctx)
     patch = ctx.kwargs.pop("_patch_copy", None)
     if patch is not None:
@@ -337,12 +342,8 @@ def test_bad_input_leaves_the_experiment_unchanged(
 
 
 def test_every_problem_is_reported_at_once(template: tuple[Path, Path], tmp_path: Path) -> None:
-    exp = tmp_path / "exp"
-    shutil.copytree(template[0], exp, symlinks=True)
-    labels = tmp_path / "labels"
-    shutil.copytree(template[1], labels)
-    manifest = json.loads((exp / "rounds/000/to_annotate/manifest.json").read_text())
-    ctx = Ctx(exp, labels, manifest)
+    ctx = _fresh_copy(template, tmp_path)
+    exp, labels = ctx.exp, ctx.labels
     wrong_spacing(ctx)
     unknown_case(ctx)
     (labels / "notes.txt").write_text("hello")
@@ -354,11 +355,8 @@ def test_every_problem_is_reported_at_once(template: tuple[Path, Path], tmp_path
 
 
 def test_cli_reports_bad_input_cleanly(template: tuple[Path, Path], tmp_path: Path) -> None:
-    exp = tmp_path / "exp"
-    shutil.copytree(template[0], exp, symlinks=True)
-    labels = tmp_path / "labels"
-    shutil.copytree(template[1], labels)
-    ctx = Ctx(exp, labels, json.loads((exp / "rounds/000/to_annotate/manifest.json").read_text()))
+    ctx = _fresh_copy(template, tmp_path)
+    exp, labels = ctx.exp, ctx.labels
     negative_label(ctx)
     before = _snapshot(exp)
     result = CliRunner().invoke(app, ["import", str(exp), str(labels)])

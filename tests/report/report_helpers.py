@@ -110,3 +110,18 @@ def report_experiments(template: Path, tmp_path_factory: pytest.TempPathFactory)
     full = run_full_data(make_config(template, rounds=ROUNDS), root / "full_data", noisy_factory())
     _CACHE[str(template)] = {"root": root, "runs": runs, "running": running, "full_data": full}
     return _CACHE[str(template)]
+
+
+def copy_without_metrics(exp_dir: Path, dest: Path) -> Path:
+    """A copy of ``exp_dir`` whose first round is not evaluated yet (its metrics rows deleted)."""
+    import shutil
+    import sqlite3
+
+    from alseg.loop.runner import DB_FILE
+
+    shutil.copytree(exp_dir, dest)
+    conn = sqlite3.connect(dest / DB_FILE)
+    conn.execute("DELETE FROM metrics")
+    conn.commit()
+    conn.close()
+    return dest

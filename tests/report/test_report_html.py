@@ -5,16 +5,14 @@ from __future__ import annotations
 import base64
 import re
 import shutil
-import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
-from report_helpers import RUNNING, STRATEGIES, report_experiments
+from report_helpers import RUNNING, STRATEGIES, copy_without_metrics, report_experiments
 from typer.testing import CliRunner
 
 from alseg.cli import app
-from alseg.loop.runner import DB_FILE
 from alseg.report.html import SECTIONS, build_report
 
 IMG_RE = re.compile(r'<img alt="([^"]*)" src="data:image/png;base64,([A-Za-z0-9+/=]+)">')
@@ -89,12 +87,7 @@ def test_report_of_a_single_seed_and_no_reference(exps: dict[str, Any], tmp_path
 
 def test_report_before_any_evaluation(exps: dict[str, Any], tmp_path: Path) -> None:
     """An experiment that has not evaluated a round yet: the report still builds and says so."""
-    copy = tmp_path / "fresh"
-    shutil.copytree(exps["runs"][("random", 1)], copy)
-    conn = sqlite3.connect(copy / DB_FILE)
-    conn.execute("DELETE FROM metrics")
-    conn.commit()
-    conn.close()
+    copy = copy_without_metrics(exps["runs"][("random", 1)], tmp_path / "fresh")
     out = tmp_path / "r.html"
     build_report([copy], out)
     page = out.read_text(encoding="utf-8")

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import math
 import shutil
-import sqlite3
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
-from report_helpers import ROUNDS, RUNNING, SEEDS, STRATEGIES, report_experiments
+from report_helpers import ROUNDS, RUNNING, SEEDS, STRATEGIES, copy_without_metrics, report_experiments
 
 from alseg.evaluation.curves import aubc
-from alseg.loop.runner import DB_FILE
 from alseg.report.compare import choose_baseline, compare, write_csv
 from alseg.report.results import ReportError, load_results
 
@@ -163,12 +161,7 @@ def test_duplicate_run_and_errors(exps: dict[str, Any], tmp_path: Path) -> None:
 
 def test_experiment_without_metrics(exps: dict[str, Any], tmp_path: Path) -> None:
     """An experiment whose first round is not evaluated yet loads with no rows."""
-    copy = tmp_path / "fresh"
-    shutil.copytree(exps["runs"][("random", 1)], copy)
-    conn = sqlite3.connect(copy / DB_FILE)
-    conn.execute("DELETE FROM metrics")
-    conn.commit()
-    conn.close()
+    copy = copy_without_metrics(exps["runs"][("random", 1)], tmp_path / "fresh")
     res = load_results([copy])
     assert res.rounds.empty and res.experiments[0].rounds_evaluated == ()
     cmp = compare(res)
