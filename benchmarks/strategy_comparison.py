@@ -19,7 +19,9 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import box_setting_config, save_result, shared_hippocampus
@@ -29,11 +31,17 @@ def _num(v: object) -> float | None:
     return None if v is None or not math.isfinite(float(v)) else round(float(v), 4)
 
 
-def _record_minutes(minutes: dict[str, float | str], name: str, t0: float) -> None:
-    """Wall minutes of this call's run of an experiment; one finished earlier (resumed) is marked so."""
-    m = (time.perf_counter() - t0) / 60
-    minutes[name] = round(m, 2) if m > 0.2 else "finished before this call"
-    print(f"{name}: {minutes[name]}", flush=True)
+def _timed_run(run: Callable[[Any, Path], object], cfg: Any, exp: Path, minutes: dict[str, float | str]) -> None:
+    """Run or resume ``exp``; record this call's wall minutes, or that it had finished before this call."""
+    from alseg.report.results import load_experiment
+
+    if exp.exists() and load_experiment(exp)[0].complete:
+        minutes[exp.name] = "finished before this call"
+    else:
+        t0 = time.perf_counter()
+        run(cfg, exp)
+        minutes[exp.name] = round((time.perf_counter() - t0) / 60, 2)
+    print(f"{exp.name}: {minutes[exp.name]}", flush=True)
 
 
 def main() -> None:
@@ -66,14 +74,10 @@ def main() -> None:
             src = args.from_cpu_profile / f"seed{seed}" if args.from_cpu_profile else None
             if strategy == "random_fg33" and src is not None and src.is_dir() and not exp.exists():
                 shutil.copytree(src, exp)
-            t0 = time.perf_counter()
-            run_experiment(config(strategy, seed), exp)
-            _record_minutes(minutes, exp.name, t0)
+            _timed_run(run_experiment, config(strategy, seed), exp, minutes)
             exps.append(exp)
     full = args.work / "full_data"
-    t0 = time.perf_counter()
-    run_full_data(config(args.strategies[0], args.seeds[0]), full)
-    _record_minutes(minutes, full.name, t0)
+    _timed_run(run_full_data, config(args.strategies[0], args.seeds[0]), full, minutes)
 
     out = args.work / "report.html"
     cmp = build_report(
