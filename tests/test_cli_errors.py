@@ -220,6 +220,10 @@ def test_unknown_strategy_parameter(synthetic_dataset: Path, tmp_path: Path) -> 
         ({"holdout_fraction": 1.5}, ["'holdout_fraction'", "less than 1"]),
         ({"slice_axis": 3, "unit": "slice"}, ["'slice_axis'", "3 axes"]),
         ({"uncertainty": {"source": "magic"}}, ["'uncertainty.source'", "'softmax'"]),
+        (
+            {"schedule": {"epochs": 2, "iterations_per_epoch": 5, "optimizer": "rmsprop"}},
+            ["'schedule.optimizer'", "'sgd' or 'adam'", "got 'rmsprop'"],
+        ),
     ],
     ids=lambda v: json.dumps(v) if isinstance(v, dict) else "",
 )

@@ -39,7 +39,7 @@ def write_config(path: Path, **overrides: object) -> Path:
         "profile": "cpu",
         "device": "cpu",
         "num_threads": 2,
-        "schedule": {"epochs": 1, "iterations_per_epoch": 4, "warm_start": True},
+        "schedule": {"epochs": 1, "iterations_per_epoch": 4, "warm_start": True, "optimizer": "adam"},
     }
     cfg.update(overrides)
     path.write_text(yaml.safe_dump(cfg))

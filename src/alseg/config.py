@@ -27,6 +27,9 @@ class ScheduleConfig(BaseModel):
     initial_lr: float | None = Field(default=None, gt=0)
     first_round_epochs: int | None = Field(default=None, gt=0, description="epochs of the from-scratch round")
     warm_start_lr: float | None = Field(default=None, gt=0, description="initial LR of warm-started rounds")
+    optimizer: Literal["sgd", "adam"] = Field(
+        default="sgd", description="nnU-Net's SGD trainer or its AdamW variant (nnUNetTrainerAdam)"
+    )
 
 
 class UncertaintyConfig(BaseModel):

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from alseg.config import ExperimentConfig, ScheduleConfig
+from alseg.config import ExperimentConfig
 from alseg.data.dataset import demo_dataset_path
-
-# Calibrated on 2 CPU cores by benchmarks/cpu_profile.py: each round trains the cpu profile's network
-# (warm-started from the previous round) for DEMO_SCHEDULE; the whole demo stays under 15 minutes.
-DEMO_SCHEDULE = ScheduleConfig(epochs=8, iterations_per_epoch=50, first_round_epochs=12, warm_start=True)
 
 
 def demo_config(strategy: str = "random_fg33", rounds: int = 3, seed: int = 0) -> ExperimentConfig:
-    """Config of the demo: 40 bundled cases (30 pool, 10 held out), 20^3 boxes, 20 per round."""
+    """Config of the demo: 40 bundled cases (30 pool, 10 held out), 20^3 boxes, 20 per round.
+
+    Each round trains with the ``cpu`` profile's schedule, calibrated on 2 CPU cores by
+    ``benchmarks/cpu_profile.py`` (warm-started from the previous round); the whole demo stays under 15 minutes.
+    """
     return ExperimentConfig(
         dataset=demo_dataset_path(),
         strategy=strategy,
@@ -21,5 +21,4 @@ def demo_config(strategy: str = "random_fg33", rounds: int = 3, seed: int = 0) -
         unit="box",
         profile="cpu",
         device="cpu",
-        schedule=DEMO_SCHEDULE,
     )

@@ -85,3 +85,10 @@ def test_warm_start_lr_applies_only_to_warm_started_rounds() -> None:
     assert s.to_spec(from_scratch=True)["initial_lr"] == 0.01
     assert s.to_spec(from_scratch=False)["initial_lr"] == 0.003
     assert "warm_start_lr" not in s.to_spec(from_scratch=False)
+
+
+def test_optimizer_reaches_the_training_spec_in_every_round() -> None:
+    assert CPU_SCHEDULE.optimizer == "adam"
+    for from_scratch in (True, False):
+        assert CPU_SCHEDULE.to_spec(from_scratch)["optimizer"] == "adam"
+    assert Schedule(epochs=3, iterations_per_epoch=5).to_spec(True)["optimizer"] == "sgd"

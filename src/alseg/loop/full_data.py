@@ -17,6 +17,7 @@ many; otherwise it would be trained less than the runs it bounds.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -51,14 +52,7 @@ def _total_epochs(cfg: ExperimentConfig) -> tuple[ScheduleConfig, int]:
         sched = cfg.schedule
     else:
         p = get_profile(cfg.profile if cfg.profile != "auto" else "cpu").schedule
-        sched = ScheduleConfig(
-            epochs=p.epochs,
-            iterations_per_epoch=p.iterations_per_epoch,
-            val_iterations_per_epoch=p.val_iterations_per_epoch,
-            warm_start=p.warm_start,
-            initial_lr=p.initial_lr,
-            first_round_epochs=p.first_round_epochs,
-        )
+        sched = ScheduleConfig(**dataclasses.asdict(p))
     first = sched.first_round_epochs or sched.epochs
     total = first + (cfg.rounds - 1) * sched.epochs if sched.warm_start else first
     return sched, total

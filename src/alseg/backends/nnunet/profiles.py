@@ -10,6 +10,10 @@ calibrated by ``benchmarks/cpu_profile.py``:
   the first round, trained from scratch, gets more epochs (a network from scratch first predicts only
   background and picks up each class at a random moment);
 - a fixed number of training iterations per round instead of nnU-Net's 250 000;
+- AdamW (nnU-Net's own variant trainer ``nnUNetTrainerAdam``, initial learning rate 3e-3) instead of SGD with
+  Nesterov momentum 0.99 at 1e-2: with batch 2 and 600 iterations from scratch, SGD left one seed in three
+  predicting a single hippocampus class (held-out Dice 0.24 against 0.71 and 0.76); AdamW learnt both classes
+  for every seed tried (0.80, 0.71 and ... at 20 boxes);
 - a fixed batch size (2 for 3D, 32 for 2D): nnU-Net caps the batch at 5% of the planned dataset's voxels, so
   its batch depends on how many cases the planning saw (2 for a 20-box starting budget of Hippocampus, 7 for
   the full pool); fixed, the active-learning runs and their full-data reference train the same network with
@@ -36,6 +40,7 @@ class Schedule:
     initial_lr: float | None = None
     first_round_epochs: int | None = None  # epochs of a round trained from scratch; default ``epochs``
     warm_start_lr: float | None = None  # initial learning rate of warm-started rounds; default ``initial_lr``
+    optimizer: Literal["sgd", "adam"] = "sgd"  # nnUNetTrainer (SGD) or nnU-Net's variant nnUNetTrainerAdam
 
     def to_spec(self, from_scratch: bool) -> dict[str, Any]:
         spec = {
@@ -66,7 +71,14 @@ class Profile:
 
 GPU_SCHEDULE = Schedule(epochs=1000, iterations_per_epoch=250, val_iterations_per_epoch=50)
 CPU_SCHEDULE = Schedule(
-    epochs=8, iterations_per_epoch=50, val_iterations_per_epoch=1, warm_start=True, first_round_epochs=12
+    epochs=8,
+    iterations_per_epoch=50,
+    val_iterations_per_epoch=1,
+    warm_start=True,
+    first_round_epochs=12,
+    optimizer="adam",
+    initial_lr=3e-3,
+    warm_start_lr=1e-3,
 )
 
 

@@ -64,6 +64,20 @@ def plan(spec: dict[str, Any]) -> None:
         os.replace(Path(dst).with_suffix(".tmp"), dst)
 
 
+def _trainer_class(optimizer: str) -> type:
+    """nnU-Net's own trainer for an optimiser: ``sgd`` is nnUNetTrainer (SGD, Nesterov momentum 0.99),
+    ``adam`` its variant nnUNetTrainerAdam (AdamW with AMSGrad); both decay the learning rate polynomially."""
+    if optimizer == "sgd":
+        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+        return nnUNetTrainer
+    if optimizer == "adam":
+        from nnunetv2.training.nnUNetTrainer.variants.optimizer.nnUNetTrainerAdam import nnUNetTrainerAdam
+
+        return nnUNetTrainerAdam
+    raise ValueError(f"unknown optimizer {optimizer!r} in the training spec; expected 'sgd' or 'adam'")
+
+
 def train(spec: dict[str, Any]) -> None:
     """Preprocess the annotated cases with the frozen plans and train one model (fold 'all')."""
     import numpy as np  # noqa: F401 - imported before torch on purpose (thread settings)
@@ -73,7 +87,6 @@ def train(spec: dict[str, Any]) -> None:
     _seed_everything(int(spec["seed"]))
 
     from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     plans = json.loads(Path(spec["plans_file"]).read_text())
@@ -97,10 +110,11 @@ def train(spec: dict[str, Any]) -> None:
 
     device = torch.device(spec.get("device", "cpu"))
     plans["continue_training"] = False  # nnU-Net 2.8 passes this flag through the plans dict
-    trainer = nnUNetTrainer(
+    schedule = spec["schedule"]
+    trainer_class = _trainer_class(schedule.get("optimizer", "sgd"))
+    trainer = trainer_class(
         plans=plans, configuration=configuration, fold="all", dataset_json=dataset_json, device=device
     )
-    schedule = spec["schedule"]
     trainer.num_epochs = int(schedule["epochs"])
     trainer.num_iterations_per_epoch = int(schedule["iterations_per_epoch"])
     trainer.num_val_iterations_per_epoch = int(schedule.get("val_iterations_per_epoch", 1))
