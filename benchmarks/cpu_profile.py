@@ -2,8 +2,10 @@
 
 random_fg33 on 3D Hippocampus (20^3 boxes), three seeds, each one experiment of 5 rounds (starting budget 20,
 query size 20) with the profile's default warm-started schedule: the setting the loop really uses. Targets
-(issue 2): the mean Dice rises at every step, the spread (max - min over seeds) is at most 0.05 at each point,
-and one training takes at most 4 minutes on 2 cores. The script takes up to an hour.
+(issue 2): the mean Dice rises at every step, the spread between seeds is at most 0.05 at each point, and one
+training takes at most 4 minutes on 2 cores. The spread is reported two ways, both checked against 0.05: the
+standard deviation over seeds (``dice_std_by_boxes``, the figure the issue asks for) and the stricter range
+(max - min, ``dice_spread_by_boxes``). The script takes up to an hour.
 
     python benchmarks/cpu_profile.py [--dataset PATH] [--seeds 0 1 2] [--rounds 5] [--work DIR]
 """
@@ -53,6 +55,7 @@ def main() -> None:
     table = np.array([[per_seed[s][b] for b in boxes] for s in args.seeds], dtype=float)
     mean = table.mean(axis=0)
     spread = table.max(axis=0) - table.min(axis=0)
+    std = table.std(axis=0, ddof=1)  # sample standard deviation, as the report's ± bands
     rises = bool(np.all(np.diff(mean) > 0))
     save_result(
         "cpu_profile",
@@ -62,12 +65,13 @@ def main() -> None:
                 str(s): [round(float(v), 4) for v in row] for s, row in zip(args.seeds, table, strict=True)
             },
             "dice_mean_by_boxes": {str(b): round(float(v), 4) for b, v in zip(boxes, mean, strict=True)},
-            "dice_std_by_boxes": {str(b): round(float(v), 4) for b, v in zip(boxes, table.std(axis=0), strict=True)},
+            "dice_std_by_boxes": {str(b): round(float(v), 4) for b, v in zip(boxes, std, strict=True)},
             "dice_spread_by_boxes": {str(b): round(float(v), 4) for b, v in zip(boxes, spread, strict=True)},
             "train_minutes": {"max": round(max(train_minutes), 2), "mean": round(float(np.mean(train_minutes)), 2)},
             "targets": {
                 "mean_rises_every_step": rises,
-                "spread_at_most_0.05": bool(np.all(spread <= 0.05)),
+                "std_at_most_0.05": bool(np.all(std <= 0.05)),
+                "range_at_most_0.05": bool(np.all(spread <= 0.05)),
                 "train_at_most_4_minutes": max(train_minutes) <= 4.0,
             },
         },
