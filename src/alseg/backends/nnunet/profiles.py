@@ -10,10 +10,10 @@ calibrated by ``benchmarks/cpu_profile.py``:
   the first round, trained from scratch, gets more epochs (a network from scratch first predicts only
   background and picks up each class at a random moment);
 - a fixed number of training iterations per round instead of nnU-Net's 250 000;
-- AdamW (nnU-Net's own variant trainer ``nnUNetTrainerAdam``, initial learning rate 3e-3) instead of SGD with
-  Nesterov momentum 0.99 at 1e-2: with batch 2 and 600 iterations from scratch, SGD left one seed in three
-  predicting a single hippocampus class (held-out Dice 0.24 against 0.71 and 0.76); AdamW learnt both classes
-  for every seed tried (0.80, 0.71 and ... at 20 boxes);
+- AdamW (nnU-Net's own variant trainer ``nnUNetTrainerAdam``; initial learning rate 3e-3 from scratch, 1e-3
+  when warm-started) instead of SGD with Nesterov momentum 0.99 at 1e-2. With batch 2 and 600 iterations from
+  scratch, SGD left one seed in three predicting a single hippocampus class (held-out Dice 0.24 against 0.71
+  and 0.76 after 20 boxes); AdamW learnt both classes for all three seeds (0.80, 0.75 and 0.71);
 - a fixed batch size (2 for 3D, 32 for 2D): nnU-Net caps the batch at 5% of the planned dataset's voxels, so
   its batch depends on how many cases the planning saw (2 for a 20-box starting budget of Hippocampus, 7 for
   the full pool); fixed, the active-learning runs and their full-data reference train the same network with
