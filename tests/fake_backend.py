@@ -123,7 +123,7 @@ class FakeBackend:
                 pred.extras["last_features"] = pred.features[:2].copy()
             yield pred
 
-    def gradient_embedder(self, model_dir: Path) -> Any:
+    def gradient_embedder(self, model_dir: Path, layers: str = "bottleneck") -> Any:
         """Fake region gradients: seeded per (case, box) vectors of 64 numbers plus the region's fg fraction."""
 
         def embed(case_id: str, boxes: Sequence[Any], index: np.ndarray | None) -> np.ndarray:

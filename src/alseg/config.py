@@ -32,11 +32,25 @@ class ScheduleConfig(BaseModel):
     )
 
 
+#: K when the config leaves ``uncertainty.n_samples`` out: the source's paper (MC dropout 10 passes, seed 001;
+#: TTA 8 augmentations, seed 002; a 5-member ensemble, nnActive's 5 cross-validation folds)
+DEFAULT_SAMPLES: dict[str, int] = {"softmax": 1, "mc_dropout": 10, "tta": 8, "ensemble": 5}
+
+
 class UncertaintyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     source: Literal["softmax", "mc_dropout", "tta", "ensemble"] = "softmax"
-    n_samples: int = Field(default=1, ge=1, description="K: passes, augmentations or ensemble members")
+    n_samples: int | None = Field(
+        default=None,
+        ge=1,
+        description="K: passes, augmentations or ensemble members; default the source's paper (DEFAULT_SAMPLES)",
+    )
+    ensemble: Literal["seeds", "folds"] = Field(
+        default="seeds",
+        description="ensemble members: every member on all annotated cases from its own seed ('seeds'), or one "
+        "member per cross-validation fold of the annotated cases ('folds', nnActive)",
+    )
     dropout_train_p: float = Field(default=0.01, gt=0, lt=1, description="dropout while training (seed 001)")
     dropout_query_p: float = Field(default=0.1, gt=0, lt=1, description="dropout at query time (seed 001)")
     tta_flip_axes: list[int] | None = Field(default=None, description="axes flipped by TTA; default all")
@@ -45,6 +59,8 @@ class UncertaintyConfig(BaseModel):
 
     @model_validator(mode="after")
     def _samples(self) -> UncertaintyConfig:
+        if self.n_samples is None:
+            self.n_samples = DEFAULT_SAMPLES[self.source]
         if self.source == "softmax" and self.n_samples != 1:
             raise ValueError(f"source 'softmax' gives one sample; n_samples must be 1, got {self.n_samples}")
         return self

@@ -157,9 +157,8 @@ def test_foreground_inside_annotated_voxels_falls_back_to_uniform() -> None:
 
 
 def test_centre_probabilities_are_checked() -> None:
-    strategy = get_strategy("random_fg33", {"p_uniform": 0.5, "p_class": 0.1, "p_border": 0.1})
     with pytest.raises(ValueError, match="sum to 1"):
-        strategy.query(make_context(make_pool(), "random_fg33"))
+        get_strategy("random_fg33", {"p_uniform": 0.5, "p_class": 0.1, "p_border": 0.1})
 
 
 def test_foreground_baselines_need_ground_truth() -> None:
@@ -171,21 +170,46 @@ def test_foreground_baselines_need_ground_truth() -> None:
 # --- starting budget ----------------------------------------------------------------------------------------
 
 
-def test_starting_budget_covers_every_class_rarest_first() -> None:
+def test_starting_budget_covers_every_class_rarest_first(caplog: pytest.LogCaptureFixture) -> None:
     pool = make_pool()
     ctx = make_context(pool, "entropy", query_size=10)
-    regions = starting_budget(ctx, 10)
+    with caplog.at_level("WARNING", logger="alseg"):
+        regions = starting_budget(ctx, 10)
     check_regions(regions, ctx)
     by_class = [r for r in regions if r.info["stage"] == "class"]
-    # class 2 is in two cases, background and class 1 in all four (tie broken by label value)
-    assert [r.info["label"] for r in by_class] == [2, 2, 0, 0, 1, 1]
+    # class 2 is in two cases, background and class 1 in all four (tie broken by label value); every class box
+    # takes a case of its own, so after 2 and 0 no case is left for class 1 (4 cases), which the log says
+    assert [r.info["label"] for r in by_class] == [2, 2, 0, 0]
     assert {r.case_id for r in by_class[:2]} == set(RARE_CASES)
-    for label in (0, 1, 2):
+    assert len({r.case_id for r in by_class}) == 4
+    for label in (0, 2):
         mine = [r for r in by_class if r.info["label"] == label]
-        assert len({r.case_id for r in mine}) == 2
         assert all((pool.ground_truth[r.case_id][r.box.slices()] == label).any() for r in mine)
-    assert all(r.info["stage"] == "fill" for r in regions[6:])
+    assert "class 1 got 0 of 2 boxes" in caplog.text
+    assert all(r.info["stage"] == "fill" for r in regions[4:])
     assert all(r.info["strategy"] == STARTING_BUDGET_KEY for r in regions)
+
+
+def test_starting_budget_class_boxes_lie_in_distinct_cases(caplog: pytest.LogCaptureFixture) -> None:
+    """With cases to spare every class gets two boxes, each in a case of its own; a class found in one case
+    only is reported."""
+    pool = make_pool()
+    extra = {f"case_{i}": pool.ground_truth["case_0"].copy() for i in range(4, 8)}
+    for case_id, gt in extra.items():
+        pool.ground_truth[case_id] = gt
+        pool.annotated_boxes[case_id] = []
+        pool.probs[case_id] = pool.probs["case_0"]
+    lone = pool.ground_truth["case_7"]
+    lone[lone == 2] = 1
+    lone[:2, :2, :2] = 3  # class 3 occurs in case_7 only
+    pool.foreground_labels = (1, 2, 3)
+    with caplog.at_level("WARNING", logger="alseg"):
+        regions = starting_budget(make_context(pool, "entropy", query_size=12), 12)
+    by_class = [r for r in regions if r.info["stage"] == "class"]
+    assert [r.info["label"] for r in by_class][:1] == [3]
+    assert sorted(r.info["label"] for r in by_class) == [0, 0, 1, 1, 2, 2, 3]
+    assert len({r.case_id for r in by_class}) == len(by_class)
+    assert "class 3 occurs in 1 pool case(s)" in caplog.text
 
 
 def test_starting_budget_is_the_same_for_every_strategy() -> None:

@@ -22,7 +22,7 @@ from alseg.strategies.clasp import PE_MAP, ClaspPEStrategy, scheduled_beta, spli
 from alseg.strategies.power import power_noise, softrank_select
 from alseg.strategies.registry import get_strategy
 from alseg.strategies.stochastic_batches import StochasticBatchesStrategy
-from alseg.strategies.uncertainty import score_pool
+from alseg.strategies.uncertainty import score_pool, score_units
 from alseg.uncertainty.measures import bald, predictive_entropy
 
 
@@ -238,16 +238,18 @@ def test_clasp_rejects_bad_parameters() -> None:
 # --- stochastic_batches -------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("pool_kind", ["all", "top"])
 @pytest.mark.parametrize("reduction", ["mean", "max", "sum"])
-def test_stochastic_batches_returns_the_best_group(reduction: str) -> None:
+def test_stochastic_batches_returns_the_best_group(reduction: str, pool_kind: str) -> None:
     pool = make_pool()
     key = "stochastic_batches"
+    units = score_units if pool_kind == "all" else score_pool
     for seed in range(3):
         ctx = make_context(pool, key, seed=seed)
-        regions = get_strategy(key, {"reduction": reduction}).query(ctx)
+        regions = get_strategy(key, {"reduction": reduction, "pool": pool_kind}).query(ctx)
         check_regions(regions, ctx)
         # recompute by hand: candidates in (case, position) order, one permutation, groups of query_size
-        cands = sorted(score_pool(ctx, predictive_entropy), key=lambda c: (c.case_id, c.start))
+        cands = sorted(units(ctx, predictive_entropy), key=lambda c: (c.case_id, c.start))
         n_groups = len(cands) // ctx.query_size
         perm = make_rng(seed, ctx.round_index, key, "shuffle").permutation(len(cands))
         groups = [perm[g * ctx.query_size : (g + 1) * ctx.query_size] for g in range(n_groups)]
@@ -284,5 +286,10 @@ def test_stochastic_batches_n_groups_and_bases() -> None:
 def test_stochastic_batches_needs_one_complete_group() -> None:
     ctx = make_context(make_pool(), "stochastic_batches", query_size=6, n_per_case=1)
     with pytest.raises(NotEnoughCandidatesError) as err:
-        StochasticBatchesStrategy().query(ctx)  # 4 candidates: no complete group of 6
+        StochasticBatchesStrategy(pool="top").query(ctx)  # 4 candidates: no complete group of 6
     assert (err.value.requested, err.value.available) == (6, 4)
+    n_units = len(score_units(ctx, predictive_entropy))
+    big = make_context(make_pool(), "stochastic_batches", query_size=n_units + 1)
+    with pytest.raises(NotEnoughCandidatesError) as err:
+        StochasticBatchesStrategy().query(big)
+    assert (err.value.requested, err.value.available) == (n_units + 1, n_units)

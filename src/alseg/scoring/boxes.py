@@ -124,6 +124,29 @@ def block_box(free: np.ndarray, start: Sequence[int], box_size: Sequence[int], s
     free[tuple(sl)] = False
 
 
+def random_packing(
+    free: np.ndarray, box_size: Sequence[int], stride: Sequence[int], rng: np.random.Generator
+) -> list[tuple[int, ...]]:
+    """Box starts of a random maximal packing: non-overlapping boxes on the free grid until none fits.
+
+    Random sequential packing: visit the free grid positions in one random order and take each position that
+    is still free, blocking every box it overlaps. At each step this takes a position drawn uniformly among
+    those still free, so every free position can be chosen, and the boxes end up covering the free space
+    (no further box fits). ``free`` is updated in place. Returns starts in the order taken.
+    """
+    order = rng.permutation(np.flatnonzero(free))
+    starts: list[tuple[int, ...]] = []
+    flat = free.reshape(-1)  # a view: block_box's updates show here
+    for idx in order.tolist():
+        if not flat[idx]:
+            continue
+        pos = np.unravel_index(idx, free.shape)
+        start = tuple(int(p) * int(st) for p, st in zip(pos, stride, strict=True))
+        starts.append(start)
+        block_box(free, start, box_size, stride)
+    return starts
+
+
 def greedy_nms(
     case_id: str,
     scores: np.ndarray,

@@ -24,6 +24,7 @@ class Needs:
     min_samples: int = 1  # K >= this (BALD needs 2 or more)
     features: bool = False  # bottleneck features per case
     gradients: bool = False  # per-region gradient embeddings
+    gradient_layers: str = "bottleneck"  # which weights the gradients are taken of: "bottleneck" or "decoder"
     ground_truth: bool = False  # reads the simulated oracle's labels (simulation baselines only)
 
 
@@ -58,9 +59,10 @@ class PoolView:
         return self.box_sizes[case_id]
 
     def case_stride(self, case_id: str) -> tuple[int, ...]:
-        """The grid stride for a case; axes whose box spans the whole image get stride 1."""
+        """The grid stride for a case: never more than the box's extent on an axis (so every slice of a
+        ``unit: slice`` pool is a candidate), and 1 on axes whose box spans the whole image."""
         return tuple(
-            1 if b >= n else s
+            1 if b >= n else max(1, min(s, b))
             for s, b, n in zip(self.stride, self.box_sizes[case_id], self.shapes[case_id], strict=True)
         )
 

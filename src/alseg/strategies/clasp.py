@@ -188,6 +188,13 @@ class ClaspPEStrategy:
     def params(self) -> dict[str, Any]:
         return asdict(self)
 
+    def check(self) -> None:
+        """Parameter errors, raised when the experiment is created: the schedule at every t, and the share."""
+        for t in range(3):
+            scheduled_beta(t, 4, self.beta_max, self.schedule, self.steepness)
+        if not 0.0 <= float(self.fg_share) <= 1.0:
+            raise ValueError(f"fg_share must lie in [0, 1], got {self.fg_share!r}")
+
     def beta(self, ctx: QueryContext) -> float:
         """β for this query: t = round_index − 1 (round 0 is the starting budget)."""
         return scheduled_beta(ctx.round_index - 1, ctx.n_rounds, self.beta_max, self.schedule, self.steepness)

@@ -42,6 +42,11 @@ class _Pool:
         return np.concatenate(self.annotated).astype(np.float32) if self.annotated else np.zeros((0, 0), np.float32)
 
 
+def check_stride_fraction(fraction: float) -> None:
+    if not isinstance(fraction, int | float) or not 0 < float(fraction) <= 1:
+        raise ValueError(f"stride_fraction must be a number in (0, 1] (a fraction of the box), got {fraction!r}")
+
+
 def _grid_stride(box: tuple[int, ...], shape: tuple[int, ...], fraction: float) -> tuple[int, ...]:
     return tuple(1 if b >= n else max(1, round(b * fraction)) for b, n in zip(box, shape, strict=True))
 
@@ -124,6 +129,9 @@ class CoresetStrategy:
     def params(self) -> dict[str, Any]:
         return asdict(self)
 
+    def check(self) -> None:
+        check_stride_fraction(self.stride_fraction)
+
     def query(self, ctx: QueryContext) -> list[Region]:
         def per_voxel(pred: CasePrediction) -> np.ndarray:
             if pred.features is None:
@@ -165,6 +173,9 @@ class BadgeStrategy:
 
     def params(self) -> dict[str, Any]:
         return asdict(self)
+
+    def check(self) -> None:
+        check_stride_fraction(self.stride_fraction)
 
     def query(self, ctx: QueryContext) -> list[Region]:
         def per_voxel(pred: CasePrediction) -> np.ndarray:

@@ -88,6 +88,9 @@ class PowerPEStrategy:
     def params(self) -> dict[str, Any]:
         return asdict(self)
 
+    def check(self) -> None:
+        check_beta(self.beta)
+
     def query(self, ctx: QueryContext) -> list[Region]:
         candidates = power_pool(ctx, predictive_entropy, "pe", self.beta, self.needs.min_samples)
         return top_regions(ctx, candidates, self.key)
@@ -105,6 +108,9 @@ class PowerBaldStrategy:
 
     def params(self) -> dict[str, Any]:
         return asdict(self)
+
+    def check(self) -> None:
+        check_beta(self.beta)
 
     def query(self, ctx: QueryContext) -> list[Region]:
         candidates = power_pool(ctx, bald, "bald", self.beta, self.needs.min_samples)

@@ -1,9 +1,10 @@
-"""Random baselines: uniform box positions (``random``) and boxes centred on foreground (``random_fg*``).
+"""Random baselines: uniform box positions (``random``) and foreground-aware boxes (``random_fg*``).
 
 ``random`` draws box positions uniformly on each case's stride grid. ``random_fg33`` / ``random_fg66``
-(nnActive's "Random 33% / 66% FG") centre each box, clamped inside the image, on a uniform voxel, on a voxel
-of a foreground class present in the case's ground truth, or on a voxel of that class's border. They read
-the ground truth, so they are simulation baselines only.
+(nnActive's "Random 33% / 66% FG") draw each box as one of three kinds: a start drawn uniformly among the
+free starts, or a box centred (clamped inside the image) on a voxel of a foreground class present in the
+case's ground truth, or on a voxel of that class's border. Cases are visited in a shuffled order, cycled,
+one box per case per pass. They read the ground truth, so they are simulation baselines only.
 
 Non-overlap is exact in both: a position is drawn only among boxes that share no voxel with an annotated
 region or with a box already drawn in this query.
@@ -112,7 +113,14 @@ class _CaseState:
 
 
 class ForegroundSampler:
-    """Draws box centres from the ground truth, never overlapping annotated voxels or earlier draws.
+    """Draws boxes from the ground truth, never overlapping annotated voxels or earlier draws (nnActive).
+
+    A box is one of three kinds: ``uniform``, a start drawn uniformly among the case's free box starts
+    (nnActive's ``_obtain_random_patch_for_img`` with its retries: a uniform start, redrawn until it overlaps
+    nothing); ``class`` / ``border``, centred (clamped inside the image) on a voxel of a foreground class or
+    of its border (nnActive's ``_obtain_random_patch_from_locs``). Cases are visited in one shuffled order,
+    cycled, one box per case per pass (nnActive's infinite iterator over the shuffled image names); a case
+    with no free start left drops out of the cycle.
 
     Case states are built on first use and dropped once a case is full, so only the cases drawn from are
     held in memory. Shared by ``random_fg*`` and the starting budget, so that both keep one non-overlap
@@ -126,7 +134,8 @@ class ForegroundSampler:
         self._ground_truth = pool.ground_truth
         self._states: dict[str, _CaseState] = {}
         self._present: dict[str, set[int]] = {}
-        self._open = list(pool.case_ids)
+        self._cycle: list[str] | None = None
+        self._position = 0
 
     def state(self, case_id: str) -> _CaseState:
         if case_id not in self._states:
@@ -142,14 +151,20 @@ class ForegroundSampler:
             self._states[case_id] = _CaseState(labels, box, free, clamp)
         return self._states[case_id]
 
-    def draw_open_case(self, rng: np.random.Generator) -> str | None:
-        """A case drawn uniformly among those with a free box position (None when every case is full)."""
-        while self._open:
-            i = int(rng.integers(len(self._open)))
-            case_id = self._open[i]
+    def next_case(self, rng: np.random.Generator) -> str | None:
+        """The next case of the cycle with a free box start (None when every case is full).
+
+        The first call shuffles the pool's cases with ``rng``; later calls walk that order round and round.
+        """
+        if self._cycle is None:
+            self._cycle = [self.pool.case_ids[int(i)] for i in rng.permutation(len(self.pool.case_ids))]
+        while self._cycle:
+            self._position %= len(self._cycle)
+            case_id = self._cycle[self._position]
             if self.state(case_id).free.any():
+                self._position += 1
                 return case_id
-            self._open.pop(i)
+            self._cycle.pop(self._position)
             del self._states[case_id]
         return None
 
@@ -161,15 +176,22 @@ class ForegroundSampler:
             self._present[case_id] = {int(v) for v in np.unique(labels)}
         return self._present[case_id]
 
-    def draw_voxel(self, case_id: str, mask: np.ndarray | None, rng: np.random.Generator) -> tuple[int, ...] | None:
-        """A uniform voxel of ``mask`` (all when None) whose centred box is free; None if there is none."""
-        state = self.state(case_id)
-        eligible = state.eligible if mask is None else state.eligible & mask
+    def draw_voxel(self, case_id: str, mask: np.ndarray, rng: np.random.Generator) -> tuple[int, ...] | None:
+        """A uniform voxel of ``mask`` whose centred box is free; None if there is none."""
+        eligible = self.state(case_id).eligible & mask
         flat = np.flatnonzero(eligible)
         if flat.size == 0:
             return None
         index = int(flat[int(rng.integers(flat.size))])
         return tuple(int(v) for v in np.unravel_index(index, eligible.shape))
+
+    def draw_start(self, case_id: str, rng: np.random.Generator) -> tuple[int, ...] | None:
+        """A box start drawn uniformly among the case's free starts; None if there is none."""
+        flat = np.flatnonzero(self.state(case_id).free)
+        if flat.size == 0:
+            return None
+        index = int(flat[int(rng.integers(flat.size))])
+        return tuple(int(v) for v in np.unravel_index(index, self.state(case_id).free.shape))
 
     def class_mask(self, case_id: str, label: int, kind: str) -> np.ndarray:
         state = self.state(case_id)
@@ -179,37 +201,40 @@ class ForegroundSampler:
             return state.border(label)
         raise ValueError(f"unknown centre kind {kind!r}; expected 'class' or 'border'")
 
-    def take(self, case_id: str, voxel: Sequence[int]) -> tuple[int, ...]:
-        """Take the box centred (clamped) on ``voxel``; returns its start."""
-        state = self.state(case_id)
-        start = state.start_for(voxel)
-        state.take(start)
-        return start
+    def take(self, case_id: str, start: Sequence[int]) -> None:
+        """Take the box starting at ``start``."""
+        self.state(case_id).take(start)
 
-    def draw_centred(self, case_id: str, kind: str, rng: np.random.Generator) -> tuple[tuple[int, ...], dict[str, Any]]:
-        """A free centre of ``kind`` in a case (which must have a free position), with its explanation.
+    def centre_start(self, case_id: str, voxel: Sequence[int]) -> tuple[int, ...]:
+        """The start of the box centred (clamped inside the image) on ``voxel``."""
+        return self.state(case_id).start_for(voxel)
+
+    def draw_box(self, case_id: str, kind: str, rng: np.random.Generator) -> tuple[tuple[int, ...], dict[str, Any]]:
+        """A free box of ``kind`` in a case (which must have a free start), with its explanation.
 
         For 'class' / 'border' the class is drawn uniformly among the foreground classes present in the
-        case that still have an eligible voxel of that kind; if none has, the centre falls back to a uniform
-        eligible voxel of the case (recorded as ``fallback``).
+        case that still have an eligible voxel of that kind, and the box is centred on a uniform eligible voxel
+        of it; if no class has one, the box falls back to a uniform start (recorded as ``fallback``).
         """
         info: dict[str, Any] = {"kind": kind}
         if kind != "uniform":
             present = self.present_labels(case_id)
-            classes = []
-            for label in self.pool.foreground_labels:
-                if label in present and (self.class_mask(case_id, label, kind) & self.state(case_id).eligible).any():
-                    classes.append(int(label))
+            eligible = self.state(case_id).eligible
+            classes = [
+                int(label)
+                for label in self.pool.foreground_labels
+                if label in present and (self.class_mask(case_id, label, kind) & eligible).any()
+            ]
             if classes:
                 label = classes[int(rng.integers(len(classes)))]
                 voxel = self.draw_voxel(case_id, self.class_mask(case_id, label, kind), rng)
                 assert voxel is not None
-                return voxel, {**info, "label": label}
+                return self.centre_start(case_id, voxel), {**info, "label": label, "centre": list(voxel)}
             info = {"kind": "uniform", "fallback": kind}
-        voxel = self.draw_voxel(case_id, None, rng)
-        if voxel is None:
+        start = self.draw_start(case_id, rng)
+        if start is None:
             raise ValueError(f"case {case_id!r} has no free box position left")
-        return voxel, info
+        return start, info
 
 
 def check_centre_probabilities(probabilities: Sequence[float]) -> np.ndarray:
@@ -230,26 +255,26 @@ def sample_centred_boxes(
     probabilities: Sequence[float],
     n_boxes: int,
 ) -> list[Candidate]:
-    """``n_boxes`` boxes, each in a case drawn uniformly among those with room, centred by a drawn kind.
+    """``n_boxes`` boxes, one per case of the sampler's cycle, each of a kind drawn with ``probabilities``.
 
     Raises :class:`NotEnoughCandidatesError` with the number placed when the pool runs out of room.
     """
     p = check_centre_probabilities(probabilities)
     out: list[Candidate] = []
     while len(out) < n_boxes:
-        case_id = sampler.draw_open_case(rng)
+        case_id = sampler.next_case(rng)
         if case_id is None:
             raise NotEnoughCandidatesError(n_boxes, len(out))
         kind = CENTRE_KINDS[int(rng.choice(len(CENTRE_KINDS), p=p))]
-        voxel, info = sampler.draw_centred(case_id, kind, rng)
-        start = sampler.take(case_id, voxel)
-        out.append(Candidate(case_id, start, float("nan"), {**info, "centre": list(voxel)}))
+        start, info = sampler.draw_box(case_id, kind, rng)
+        sampler.take(case_id, start)
+        out.append(Candidate(case_id, start, float("nan"), info))
     return out
 
 
 @dataclass
 class RandomForegroundStrategy:
-    """Boxes centred on a uniform voxel, a foreground voxel or a foreground border voxel (nnActive).
+    """Boxes at a uniform free start, or centred on a foreground voxel or a foreground border voxel (nnActive).
 
     The three probabilities are parameters; ``random_fg33`` (4/6, 1/6, 1/6) and ``random_fg66``
     (1/3 each) are the registered presets.
@@ -260,11 +285,14 @@ class RandomForegroundStrategy:
     p_border: float = FG33[2]
 
     key: ClassVar[str] = "random_fg33"
-    description: ClassVar[str] = "boxes centred on uniform / foreground / border voxels, 4/6 : 1/6 : 1/6 (reads GT)"
+    description: ClassVar[str] = "uniform boxes / boxes centred on class / border voxels, 4/6 : 1/6 : 1/6 (reads GT)"
     needs: ClassVar[Needs] = Needs(ground_truth=True)
 
     def params(self) -> dict[str, Any]:
         return asdict(self)
+
+    def check(self) -> None:
+        check_centre_probabilities((self.p_uniform, self.p_class, self.p_border))
 
     def query(self, ctx: QueryContext) -> list[Region]:
         probabilities = (self.p_uniform, self.p_class, self.p_border)

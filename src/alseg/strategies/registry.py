@@ -1,7 +1,9 @@
 """The strategy registry: an explicit dict from key to strategy class (no plugin discovery).
 
 A strategy is a small dataclass: ``__init__`` stores its parameters untouched, ``params()`` returns them as a
-JSON-able dict, and the class declares ``key``, a one-line ``description`` and ``needs``. A variant that only
+JSON-able dict, an optional ``check()`` raises ``ValueError`` on a bad parameter (called by
+:func:`get_strategy`, so a bad parameter fails when the experiment is created), and the class declares
+``key``, a one-line ``description`` and ``needs``. A variant that only
 changes parameter defaults is a :func:`preset` of its class, not a hand-written subclass.
 
 >>> s = get_strategy("random_fg66")
@@ -54,7 +56,7 @@ STRATEGIES: dict[str, type] = {
         preset(
             RandomForegroundStrategy,
             "random_fg66",
-            "boxes centred on uniform / foreground / border voxels, 1/3 each (reads GT)",
+            "uniform boxes / boxes centred on class / border voxels, 1/3 each (reads GT)",
             p_uniform=FG66[0],
             p_class=FG66[1],
             p_border=FG66[2],
@@ -91,7 +93,14 @@ def get_strategy(key: str, params: Mapping[str, Any] | None = None) -> Strategy:
     if unknown:
         expected = ", ".join(valid) if valid else "none"
         raise ValueError(f"strategy {key!r} has no parameter(s) {', '.join(unknown)}; its parameters: {expected}")
-    return cls(**params)
+    strategy = cls(**params)
+    check = getattr(strategy, "check", None)
+    if check is not None:  # parameter errors now, when the experiment is created, not after round 0 trained
+        try:
+            check()
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"strategy {key!r}: {err}") from None
+    return strategy
 
 
 def list_strategies() -> list[tuple[str, str]]:

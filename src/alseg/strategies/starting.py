@@ -1,15 +1,19 @@
 """The starting budget (nnActive): class-covering boxes, then ``random_fg33`` boxes.
 
 For each class, background included, rarest first (fewest pool cases containing it; ties by label value):
-two boxes centred (clamped) on a random voxel of that class, in two different cases. Then boxes drawn like
-``random_fg33`` fill the budget up to ``size``. Every draw comes from a generator keyed by
-``STARTING_BUDGET_KEY`` rather than the strategy's key, so every strategy starts from the same regions under
-the same seed and runs are paired.
+two boxes centred (clamped) on a random voxel of that class, in two different cases. Every class box lies
+in its own case: a case that holds a class box is removed from every class's list (as nnActive does), so the
+starting data spreads over as many cases as it can. A class found in fewer than two pool cases, or left with
+fewer than two unused cases, gets fewer boxes, with a warning in the log. Then boxes drawn like
+``random_fg33`` (shuffled case cycle, one box per case per pass) fill the budget up to ``size``. Every draw
+comes from a generator keyed by ``STARTING_BUDGET_KEY`` rather than the strategy's key, so every strategy
+starts from the same regions under the same seed and runs are paired.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 from alseg.data.regions import Region
 from alseg.scoring.boxes import Candidate
@@ -20,13 +24,15 @@ STARTING_BUDGET_KEY = "starting_budget"
 BOXES_PER_CLASS = 2
 BACKGROUND = 0
 
+log = logging.getLogger("alseg.starting")
+
 
 def starting_budget(ctx: QueryContext, size: int) -> list[Region]:
     """``size`` non-overlapping regions covering every class present in the pool (needs ground truth).
 
-    Independent of ``ctx.strategy_key``. A class present in only one case gets one box there; a class
-    present in no case gets none. When ``size`` is smaller than two boxes per class, the rarest classes
-    are covered first.
+    Independent of ``ctx.strategy_key``. The class boxes lie in distinct cases. A class present in one case
+    gets one box there, a class present in no case none. When ``size`` is smaller than two boxes per class,
+    the rarest classes are covered first.
     """
     if size < 0:
         raise ValueError(f"starting budget size must be >= 0, got {size}")
@@ -41,22 +47,44 @@ def starting_budget(ctx: QueryContext, size: int) -> list[Region]:
         for label in labels:
             if label in present:
                 cases_with[label].append(case_id)
+    for label in labels:
+        if len(cases_with[label]) < BOXES_PER_CLASS:
+            log.warning(
+                "starting budget: class %d occurs in %d pool case(s), fewer than the %d the class-covering start "
+                "asks for; it gets %d box(es)",
+                label,
+                len(cases_with[label]),
+                BOXES_PER_CLASS,
+                len(cases_with[label]),
+            )
     order = sorted((label for label in labels if cases_with[label]), key=lambda c: (len(cases_with[c]), c))
 
     rng = sctx.rng("classes")
     chosen: list[Candidate] = []
+    used: set[str] = set()
     for label in order:
-        remaining = list(cases_with[label])
+        remaining = [c for c in cases_with[label] if c not in used]
         n_label = 0
         while n_label < BOXES_PER_CLASS and remaining and len(chosen) < size:
             case_id = remaining.pop(int(rng.integers(len(remaining))))
             voxel = sampler.draw_voxel(case_id, sampler.class_mask(case_id, label, "class"), rng)
             if voxel is None:  # every voxel of this class in this case is already covered
                 continue
-            start = sampler.take(case_id, voxel)
+            start = sampler.centre_start(case_id, voxel)
+            sampler.take(case_id, start)
+            used.add(case_id)
             info = {"stage": "class", "kind": "class", "label": label, "centre": list(voxel)}
             chosen.append(Candidate(case_id, start, float("nan"), info))
             n_label += 1
+        wanted = min(BOXES_PER_CLASS, len(cases_with[label]))
+        if n_label < wanted and len(chosen) < size:
+            log.warning(
+                "starting budget: class %d got %d of %d boxes: its other cases already hold a box of another "
+                "class (each class box lies in its own case)",
+                label,
+                n_label,
+                wanted,
+            )
 
     n_fill = size - len(chosen)
     if n_fill > 0:

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from alseg.data.regions import Region
-from alseg.scoring.boxes import Candidate, box_means, free_positions, greedy_nms, top_k
+from alseg.scoring.boxes import Candidate, box_means, free_positions, greedy_nms, random_packing, top_k
 from alseg.strategies.base import Needs, NotEnoughCandidatesError, QueryContext, regions_from_candidates
 from alseg.uncertainty.measures import bald, mean_std, predictive_entropy
 
@@ -84,6 +84,33 @@ def score_pool(
         candidates.extend(
             greedy_nms(case.case_id, scores, case.box_size, case.stride, case.free, ctx.n_per_case, dict(info or {}))
         )
+    return candidates
+
+
+def score_units(
+    ctx: QueryContext,
+    voxel_map: VoxelMap,
+    info: Mapping[str, Any] | None = None,
+    min_samples: int = 1,
+) -> list[Candidate]:
+    """Every free unit of the pool, scored by the box mean of ``voxel_map`` (no pre-filter by score).
+
+    Per case the units are a random maximal packing of non-overlapping boxes in the free space
+    (:func:`~alseg.scoring.boxes.random_packing` on the case's stride grid, drawn from
+    ``ctx.rng("units/<case>")``): with ``unit: slice`` that is every free slice, with ``unit: case`` every
+    free case, with boxes a random tiling of what is not annotated. The units depend only on the annotation
+    state and the seed, never on the model, so a strategy that samples among them (stochastic batches, USIM)
+    sees the whole pool rather than the base measure's per-case favourites.
+    """
+    candidates: list[Candidate] = []
+    for case in stream_cases(ctx, min_samples):
+        starts = random_packing(case.free, case.box_size, case.stride, ctx.rng(f"units/{case.case_id}"))
+        if not starts:
+            continue
+        scores = case.box_means(voxel_map(case.probs))
+        for start in sorted(starts):
+            score = float(scores[case.grid_index(start)])
+            candidates.append(Candidate(case.case_id, start, score, {**(info or {}), "pool": "all"}))
     return candidates
 
 
