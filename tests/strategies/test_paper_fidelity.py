@@ -4,18 +4,18 @@ data or from first principles, never from the code under test."""
 from __future__ import annotations
 
 import dataclasses
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
 from numpy.lib.stride_tricks import sliding_window_view
+from test_conformance import make_context, make_pool
 
 from alseg.data.dataset import demo_dataset_path
 from alseg.data.regions import Box, annotated_mask
 from alseg.strategies.base import PoolView, QueryContext
 from alseg.strategies.registry import get_strategy
 from alseg.strategies.uncertainty import score_pool
-
-from test_conformance import make_context, make_pool
 
 BOX = (20, 20, 20)
 
