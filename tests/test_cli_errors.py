@@ -364,9 +364,15 @@ def test_status_on_a_non_experiment(tmp_path: Path, make: str) -> None:
 def test_strategies_json_lists_the_registered_keys() -> None:
     result = _invoke("strategies", "--json")
     assert result.exit_code == 0, result.output
-    keys = json.loads(result.stdout)
-    assert keys == sorted(STRATEGIES)
+    items = json.loads(result.stdout)
+    keys = [s["key"] for s in items]
+    assert keys == sorted(STRATEGIES) and len(keys) == 15
     assert {"random", "random_fg33", "random_fg66", "entropy", "bald", "mean_std"} <= set(keys)
+    by_key = {s["key"]: s for s in items}
+    assert by_key["clasp_pe"]["params"]["beta_max"] == 100.0
+    assert by_key["bald"]["needs"]["min_samples"] == 2
+    assert by_key["random_fg33"]["needs"]["ground_truth"] is True
+    assert by_key["usim_f"]["needs"]["gradients"] is True
 
 
 def test_strategies_table() -> None:

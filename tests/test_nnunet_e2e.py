@@ -22,7 +22,9 @@ import pytest
 import SimpleITK as sitk
 import yaml
 
+from alseg.config import Schedule, load_config
 from alseg.data.dataset import demo_dataset_path
+from alseg.loop.runner import recover_schedule
 
 pytestmark = pytest.mark.nnunet
 
@@ -102,6 +104,16 @@ def test_run_with_real_backend(reference_run: Path) -> None:
     # the dataset.json given to nnU-Net declares the ignore label
     dj = json.loads((exp / "nnunet" / "dataset.json").read_text())
     assert dj["labels"]["ignore"] == 3
+    # the schedule is stored resolved, and nnU-Net's own records of the trained rounds give it back (what an
+    # experiment created before the schedule was stored resumes with)
+    stored = load_config(exp / "config.yaml").schedule
+    assert stored is not None and stored.optimizer == "adam" and stored.iterations_per_epoch == 4
+    other = Schedule(epochs=99, iterations_per_epoch=99, optimizer="sgd", initial_lr=0.5, warm_start=False)
+    recovered, source = recover_schedule(exp, other)
+    assert source == "read from the models of round 0 and round 1"
+    expected = {"epochs": 1, "iterations_per_epoch": 4, "optimizer": "adam", "warm_start": True}
+    assert {k: getattr(recovered, k) for k in expected} == expected
+    assert recovered.initial_lr == pytest.approx(1e-2)  # nnU-Net's default, the schedule sets none
 
 
 def _worker_alive(exp: Path) -> bool:

@@ -81,7 +81,8 @@ def _print_status(exp_dir: Path, as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
         return
-    table = Table(title=f"{exp_dir} ({data['strategy']}, seed {data['seed']})")
+    u = data["uncertainty"]
+    table = Table(title=f"{exp_dir} ({data['strategy']}, seed {data['seed']}, {u['source']} K = {u['n_samples']})")
     for col in ("round", "regions", "voxels", "fg voxels", "Dice (fg mean)", "Dice per class", "stages"):
         table.add_column(col, justify="right" if col != "Dice per class" else "left")
     for row in data["rounds"]:
@@ -207,15 +208,17 @@ def demo(
 
 @app.command()
 def strategies(
-    as_json: Annotated[bool, typer.Option("--json", help="print the keys as a JSON list")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print every strategy's key, description, parameters and needs as JSON")
+    ] = False,
 ) -> None:
     """List the registered query strategies."""
-    from alseg.strategies.registry import list_strategies
+    from alseg.strategies.registry import describe_strategies, list_strategies
 
-    items = list_strategies()
     if as_json:
-        sys.stdout.write(json.dumps([k for k, _ in items]) + "\n")
+        sys.stdout.write(json.dumps(describe_strategies(), indent=1) + "\n")
         return
+    items = list_strategies()
     table = Table(title="query strategies")
     table.add_column("key")
     table.add_column("description")

@@ -17,8 +17,15 @@ class ConfigError(ValueError):
     """An invalid configuration; the message names the file, the key and what was expected."""
 
 
-class ScheduleConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Schedule(BaseModel):
+    """How each round trains: the one schedule type of alseg (config key ``schedule``, the profiles' defaults).
+
+    An experiment stores its schedule resolved in ``config.yaml`` (the profile's when the config gives none),
+    so a later change of a profile's defaults never changes a running experiment. Keys a given ``schedule``
+    leaves out take these defaults (nnU-Net's SGD trainer and learning rate), not the profile's.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     epochs: int = Field(gt=0)
     iterations_per_epoch: int = Field(gt=0)
@@ -30,6 +37,19 @@ class ScheduleConfig(BaseModel):
     optimizer: Literal["sgd", "adam"] = Field(
         default="sgd", description="nnU-Net's SGD trainer or its AdamW variant (nnUNetTrainerAdam)"
     )
+
+    def to_spec(self, from_scratch: bool) -> dict[str, Any]:
+        """The training worker's schedule for one round (from scratch, or warm-started)."""
+        spec = {
+            k: v
+            for k, v in self.model_dump().items()
+            if v is not None and k not in ("warm_start", "first_round_epochs", "warm_start_lr")
+        }
+        if from_scratch and self.first_round_epochs is not None:
+            spec["epochs"] = self.first_round_epochs
+        if not from_scratch and self.warm_start_lr is not None:
+            spec["initial_lr"] = self.warm_start_lr
+        return spec
 
 
 #: K when the config leaves ``uncertainty.n_samples`` out: the source's paper (MC dropout 10 passes, seed 001;
@@ -88,7 +108,9 @@ class ExperimentConfig(BaseModel):
     backend: Literal["nnunet"] = "nnunet"
     configuration: Literal["2d", "3d_fullres"] | None = None
     profile: Literal["auto", "cpu", "gpu"] = "auto"
-    schedule: ScheduleConfig | None = None
+    schedule: Schedule | None = Field(
+        default=None, description="how each round trains; default the profile's, stored resolved at creation"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int | None = Field(default=None, ge=1)
     uncertainty: UncertaintyConfig = Field(default_factory=UncertaintyConfig)

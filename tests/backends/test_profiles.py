@@ -6,7 +6,8 @@ import copy
 
 import pytest
 
-from alseg.backends.nnunet.profiles import CPU_SCHEDULE, Schedule, derive_configuration, get_profile
+from alseg.backends.nnunet.profiles import CPU_SCHEDULE, derive_configuration, get_profile
+from alseg.config import Schedule
 
 PLANS = {
     "configurations": {

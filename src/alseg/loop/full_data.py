@@ -17,14 +17,13 @@ many; otherwise it would be trained less than the runs it bounds.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 from alseg.backends.nnunet.profiles import get_profile
-from alseg.config import ConfigError, ExperimentConfig, ScheduleConfig
+from alseg.config import ConfigError, ExperimentConfig, Schedule
 from alseg.data.dataset import load_dataset, split_holdout
 from alseg.data.regions import Box, Region
 from alseg.loop.runner import (
@@ -46,13 +45,9 @@ FULL_DATA_STRATEGY = "full_data"  # recorded as the regions' strategy (never a r
 _STRATEGY = "random"  # the stored config needs a registered strategy; with one round it is never asked
 
 
-def _total_epochs(cfg: ExperimentConfig) -> tuple[ScheduleConfig, int]:
+def _total_epochs(cfg: ExperimentConfig) -> tuple[Schedule, int]:
     """The schedule of ``cfg`` (its profile's default when not given) and the epochs of its last model."""
-    if cfg.schedule is not None:
-        sched = cfg.schedule
-    else:
-        p = get_profile(cfg.profile if cfg.profile != "auto" else "cpu").schedule
-        sched = ScheduleConfig(**dataclasses.asdict(p))
+    sched = cfg.schedule or get_profile(cfg.profile if cfg.profile != "auto" else "cpu").schedule
     first = sched.first_round_epochs or sched.epochs
     total = first + (cfg.rounds - 1) * sched.epochs if sched.warm_start else first
     return sched, total

@@ -39,7 +39,8 @@ from tqdm import tqdm
 
 from alseg import __version__
 from alseg.backends.base import SegmentationBackend, TrainingCase
-from alseg.config import ConfigError, ExperimentConfig, dump_config, load_config
+from alseg.backends.nnunet.profiles import get_profile
+from alseg.config import DEFAULT_SAMPLES, ConfigError, ExperimentConfig, Schedule, dump_config, load_config
 from alseg.data.dataset import Dataset, load_dataset, split_holdout, validate_dataset
 from alseg.data.labels import partial_label, write_label_nifti
 from alseg.data.regions import Region, annotated_mask, default_region_size, unit_box_size
@@ -100,10 +101,13 @@ def resolve_config(cfg: ExperimentConfig, ds: Dataset) -> ExperimentConfig:
         raise ConfigError(f"invalid config: key 'slice_axis' is {cfg.slice_axis}, images have {ndim} axes")
     if cfg.configuration is None:
         update["configuration"] = "3d_fullres" if ndim == 3 else "2d"
-    if cfg.profile == "auto":
+    profile = cfg.profile
+    if profile == "auto":
         import torch
 
-        update["profile"] = "gpu" if (cfg.device != "cpu" and torch.cuda.is_available()) else "cpu"
+        profile = update["profile"] = "gpu" if (cfg.device != "cpu" and torch.cuda.is_available()) else "cpu"
+    if cfg.schedule is None:  # stored resolved: a later change of the profile's defaults never reaches this run
+        update["schedule"] = get_profile(profile).schedule
     update["dataset"] = Path(cfg.dataset).resolve()
     if cfg.oracle == "simulated" and not any(ds.has_label(c) for c in ds.case_ids):
         update["oracle"] = "human"  # no ground truth at all: people annotate
@@ -113,7 +117,7 @@ def resolve_config(cfg: ExperimentConfig, ds: Dataset) -> ExperimentConfig:
 
 
 def check_uncertainty(cfg: ExperimentConfig, strategy: Strategy) -> None:
-    """A strategy that needs several probability samples needs a source that gives them."""
+    """A strategy that needs several probability samples needs a source, and a K, that gives them."""
     need = strategy.needs.min_samples
     u = cfg.uncertainty
     if need > 1 and u.source == "softmax":
@@ -121,10 +125,11 @@ def check_uncertainty(cfg: ExperimentConfig, strategy: Strategy) -> None:
             f"invalid config: strategy {cfg.strategy!r} needs at least {need} probability samples, but "
             "uncertainty.source is 'softmax' (one sample); use mc_dropout, tta or ensemble"
         )
-    if need > 1 and u.source == "ensemble" and u.n_samples < need:
+    if u.n_samples is not None and u.n_samples < need:
         raise ConfigError(
-            f"invalid config: strategy {cfg.strategy!r} needs {need} samples; uncertainty.n_samples "
-            f"(ensemble members) is {u.n_samples}"
+            f"invalid config: strategy {cfg.strategy!r} needs at least {need} probability samples; "
+            f"uncertainty.n_samples ({u.source}) is {u.n_samples}; leave it out for the source's default "
+            f"({DEFAULT_SAMPLES[u.source]})"
         )
 
 
@@ -219,18 +224,24 @@ def create_experiment(cfg: ExperimentConfig, exp_dir: Path) -> ExperimentConfig:
 
 
 def open_or_create(cfg: ExperimentConfig | None, exp_dir: Path) -> ExperimentConfig:
-    """Resume ``exp_dir`` if it is an experiment (its stored config must match ``cfg``), else create it."""
+    """Resume ``exp_dir`` if it is an experiment, else create it.
+
+    On resume, every key that ``cfg`` sets must equal the stored one; keys it leaves out take the stored
+    values (the experiment's resolved defaults, whatever alseg's defaults are today).
+    """
     exp_dir = Path(exp_dir)
     stored_path = exp_dir / CONFIG_FILE
     if stored_path.exists():
         stored = load_config(stored_path)
+        if stored.schedule is None:
+            stored = _store_recovered_schedule(exp_dir, stored)
         if cfg is not None:
             ds = load_dataset(cfg.dataset, require_labels=False)
             wanted = resolve_config(cfg, ds)
             diff = {
                 k: (getattr(stored, k), getattr(wanted, k))
                 for k in ExperimentConfig.model_fields
-                if getattr(stored, k) != getattr(wanted, k)
+                if k in cfg.model_fields_set and getattr(stored, k) != getattr(wanted, k)
             }
             if diff:
                 lines = ", ".join(f"{k}: stored {a!r} vs given {b!r}" for k, (a, b) in diff.items())
@@ -241,6 +252,66 @@ def open_or_create(cfg: ExperimentConfig | None, exp_dir: Path) -> ExperimentCon
     if cfg is None:
         raise ExperimentError(f"{exp_dir} is not an alseg experiment (no {CONFIG_FILE})")
     return create_experiment(cfg, exp_dir)
+
+
+def _store_recovered_schedule(exp_dir: Path, stored: ExperimentConfig) -> ExperimentConfig:
+    """An experiment created before alseg stored the resolved schedule: recover it and store it.
+
+    The rounds already trained say how they trained: nnU-Net's ``debug.json`` of each model records its
+    epochs, iterations, initial learning rate and optimiser, and alseg's model summary whether it was
+    warm-started. Round 0 gives the from-scratch values, round 1 the warm-started ones; what no trained round
+    shows (nothing trained yet, or only round 0) comes from the profile, which is then the schedule the
+    experiment goes on with. The result is written to ``config.yaml`` (atomically) and logged.
+    """
+    profile = get_profile(stored.profile if stored.profile != "auto" else "cpu")
+    recovered, source = recover_schedule(exp_dir, profile.schedule)
+    cfg = stored.model_copy(update={"schedule": recovered})
+    _write_text_atomic(exp_dir / CONFIG_FILE, dump_config(cfg))
+    logging.getLogger("alseg").warning(
+        "%s was created before alseg stored the resolved schedule; stored %s (%s)",
+        exp_dir,
+        recovered.model_dump(),
+        source,
+    )
+    return cfg
+
+
+def recover_schedule(exp_dir: Path, default: Schedule) -> tuple[Schedule, str]:
+    """The schedule an experiment's trained models were trained with, ``default`` where they do not say."""
+    found: dict[str, Any] = {}
+    said: list[str] = []
+    for r in (0, 1):
+        model = Path(exp_dir) / "rounds" / f"{r:03d}" / "model"
+        debug = sorted(model.glob("fold_*/debug.json"))
+        summary_file = model / "alseg_model.json"
+        if not debug or not summary_file.exists():
+            break
+        trained = json.loads(debug[0].read_text())
+        epochs, lr = int(trained["num_epochs"]), float(trained["initial_lr"])
+        found["iterations_per_epoch"] = int(trained["num_iterations_per_epoch"])
+        found["val_iterations_per_epoch"] = int(trained["num_val_iterations_per_epoch"])
+        found["optimizer"] = "adam" if "adam" in str(trained.get("optimizer", "")).lower() else "sgd"
+        if r == 0:
+            found.update(first_round_epochs=epochs, initial_lr=lr)
+        else:
+            members = json.loads(summary_file.read_text()).get("members", [])
+            warm = any(m.get("init_from") for m in members)
+            found.update(epochs=epochs, warm_start=warm)
+            found["warm_start_lr" if warm else "initial_lr"] = lr
+        said.append(f"round {r}")
+    if not said:
+        return default, "nothing trained yet: the profile's schedule"
+    schedule = default.model_copy(update=found)
+    return Schedule.model_validate(schedule.model_dump()), "read from the models of " + " and ".join(said)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -330,7 +401,8 @@ class Experiment:
             foreground_labels=tuple(self.ds.foreground_labels),
             annotated=lambda cid: annotated_mask(shapes[cid], boxes.get(cid, [])),
             annotated_class_voxels=dict(class_voxels),
-            ground_truth=None if self.human else self.ground_truth,
+            # only to the strategies that declare they read it (and to the starting budget, round 0)
+            ground_truth=self.ground_truth if not self.human and (r == 0 or self.strategy.needs.ground_truth) else None,
             predictions=predictions,
             region_gradients=gradients,
             n_gradient_params=int(getattr(gradients, "n_params", 0)),
@@ -356,7 +428,8 @@ class Experiment:
         predictions = None
         if r > 0 and self.strategy.needs.probabilities:
             model = self.model_dir(r - 1)
-            n_samples = max(self.cfg.uncertainty.n_samples, self.strategy.needs.min_samples)
+            # the stored K; experiments created before K was resolved at creation stored 1 for every source
+            n_samples = max(self.cfg.uncertainty.n_samples or 1, self.strategy.needs.min_samples)
 
             def predictions() -> Iterator[Any]:
                 it = self.backend.predict(
@@ -370,7 +443,9 @@ class Experiment:
 
         gradients = None
         if r > 0 and self.strategy.needs.gradients:
-            gradients = self.backend.gradient_embedder(self.model_dir(r - 1))
+            gradients = self.backend.gradient_embedder(
+                self.model_dir(r - 1), layers=self.strategy.needs.gradient_layers
+            )
         ctx = QueryContext(
             pool=self.pool_view(r, predictions, gradients),
             query_size=self.cfg.query_size if r > 0 else self.cfg.starting_size,
@@ -476,7 +551,17 @@ class Experiment:
         if r == 0:
             self._prepare_backend(cases)
         init = self.model_dir(r - 1) if r > 0 else None
-        result = self.backend.train(cases, self.model_dir(r), seed=self.cfg.seed * 1000 + r, init_from=init)
+        extra: dict[str, Any] = {}
+        u = self.cfg.uncertainty
+        if u.source == "ensemble" and u.ensemble == "folds":  # only then: backends without the argument still work
+            # the foreground classes in each case's annotated voxels, for nnActive's folds (each class in two)
+            case_classes: dict[str, set[int]] = {cid: set() for cid in cases}
+            for sr in self.state.regions(max_round=r, status="annotated"):
+                if sr.region.case_id in case_classes:
+                    found = {int(lab) for lab, n in (sr.fg_voxels or {}).items() if int(n) > 0}
+                    case_classes[sr.region.case_id] |= found
+            extra["case_classes"] = case_classes
+        result = self.backend.train(cases, self.model_dir(r), seed=self.cfg.seed * 1000 + r, init_from=init, **extra)
         fault_point("train.before_commit", r)
         self._commit_stage(
             r,
@@ -593,9 +678,30 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+class _Handlers(logging.Handler):
+    """The experiment's log file (everything) and the terminal (warnings), attached and closed together."""
+
+    def __init__(self, exp_dir: Path) -> None:
+        super().__init__()
+        self.file = logging.FileHandler(Path(exp_dir) / LOG_FILE)
+        self.file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self.terminal = logging.StreamHandler()
+        self.terminal.setLevel(logging.WARNING)
+        self.terminal.setFormatter(logging.Formatter("warning: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.file.handle(record)
+        if record.levelno >= self.terminal.level:
+            self.terminal.handle(record)
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+
 def setup_logging(exp_dir: Path) -> logging.Handler:
-    handler = logging.FileHandler(Path(exp_dir) / LOG_FILE)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    """Attach the experiment's log file (and warnings on the terminal) to the ``alseg`` logger."""
+    handler = _Handlers(exp_dir)
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     return handler

@@ -59,6 +59,7 @@ def experiment_status(exp_dir: Path) -> dict[str, Any]:
         "experiment": str(exp_dir),
         "strategy": cfg.strategy,
         "seed": cfg.seed,
+        "uncertainty": {"source": cfg.uncertainty.source, "n_samples": cfg.uncertainty.n_samples},
         "oracle": cfg.oracle,
         "rounds_planned": cfg.rounds,
         "complete": bool(rows) and len(rows) == cfg.rounds and "evaluate" in rows[-1]["stages_done"],

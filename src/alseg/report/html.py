@@ -128,13 +128,33 @@ def _section_experiments(cmp: Comparison) -> str:
         status = "complete" if e.complete else '<span class="running">running / stopped</span>'
         last = res.rounds[res.rounds["experiment"] == str(e.path)]
         dice = _num(float(last.sort_values("round")["dice"].iloc[-1])) if len(last) else "–"
+        u = e.config.uncertainty
+        samples = f"{_e(u.source)}, K = {u.n_samples}" + (f" ({_e(u.ensemble)})" if u.source == "ensemble" else "")
         rows.append(
-            [_e(e.strategy), _e(e.setting), str(e.seed), f"{done} / {e.rounds_planned}", status, dice, _e(e.path)]
+            [
+                _e(e.strategy),
+                _e(e.setting),
+                str(e.seed),
+                samples,
+                f"{done} / {e.rounds_planned}",
+                status,
+                dice,
+                _e(e.path),
+            ]
         )
         classes.append("reference" if e.full_data else "")
     rows = [[*r[:-1], f'<span class="path">{r[-1]}</span>'] for r in rows]
     out = _table(
-        ["strategy", "setting", "seed", "rounds evaluated / planned", "status", "last Dice", "directory"],
+        [
+            "strategy",
+            "setting",
+            "seed",
+            "uncertainty",
+            "rounds evaluated / planned",
+            "status",
+            "last Dice",
+            "directory",
+        ],
         rows,
         left=2,
         row_classes=classes,

@@ -103,6 +103,23 @@ def get_strategy(key: str, params: Mapping[str, Any] | None = None) -> Strategy:
     return strategy
 
 
+def describe_strategies() -> list[dict[str, Any]]:
+    """Every registered strategy as JSON-able data: key, description, parameters with their defaults, and what
+    it needs with its default parameters (``alseg strategies --json``)."""
+    out = []
+    for key in sorted(STRATEGIES):
+        strategy = get_strategy(key)
+        out.append(
+            {
+                "key": key,
+                "description": STRATEGIES[key].description,
+                "params": strategy.params(),
+                "needs": dataclasses.asdict(strategy.needs),
+            }
+        )
+    return out
+
+
 def list_strategies() -> list[tuple[str, str]]:
     """``(key, description)`` for every registered strategy, sorted by key."""
     return [(key, STRATEGIES[key].description) for key in sorted(STRATEGIES)]

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from alseg.backends.nnunet.backend import NnUNetBackend
-from alseg.backends.nnunet.profiles import Schedule, get_profile
+from alseg.backends.nnunet.profiles import get_profile
 
 if TYPE_CHECKING:
     from alseg.config import ExperimentConfig
@@ -17,10 +17,7 @@ __all__ = ["NnUNetBackend", "make_backend"]
 
 def make_backend(cfg: ExperimentConfig, ds: Dataset, workspace: Path) -> NnUNetBackend:
     """The nnU-Net backend for an experiment's config."""
-    schedule = None
-    if cfg.schedule is not None:
-        schedule = Schedule(**cfg.schedule.model_dump())
-    profile = get_profile(cfg.profile if cfg.profile != "auto" else "cpu", schedule)
+    profile = get_profile(cfg.profile if cfg.profile != "auto" else "cpu", cfg.schedule)
 
     def read_image(case_id: str) -> tuple:
         return ds.read_image(case_id), ds.geometry(case_id).spacing
@@ -34,6 +31,7 @@ def make_backend(cfg: ExperimentConfig, ds: Dataset, workspace: Path) -> NnUNetB
         num_threads=cfg.num_threads,
         uncertainty=cfg.uncertainty.source,
         n_models=cfg.uncertainty.n_samples,
+        ensemble=cfg.uncertainty.ensemble,
         dropout_train_p=cfg.uncertainty.dropout_train_p,
         dropout_query_p=cfg.uncertainty.dropout_query_p,
         tta_flip_axes=cfg.uncertainty.tta_flip_axes,

@@ -23,36 +23,12 @@ calibrated by ``benchmarks/cpu_profile.py``:
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from alseg.config import Schedule
+
 ProfileName = Literal["gpu", "cpu"]
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """How one round trains."""
-
-    epochs: int
-    iterations_per_epoch: int
-    val_iterations_per_epoch: int = 1
-    warm_start: bool = False
-    initial_lr: float | None = None
-    first_round_epochs: int | None = None  # epochs of a round trained from scratch; default ``epochs``
-    warm_start_lr: float | None = None  # initial learning rate of warm-started rounds; default ``initial_lr``
-    optimizer: Literal["sgd", "adam"] = "sgd"  # nnUNetTrainer (SGD) or nnU-Net's variant nnUNetTrainerAdam
-
-    def to_spec(self, from_scratch: bool) -> dict[str, Any]:
-        spec = {
-            k: v
-            for k, v in asdict(self).items()
-            if v is not None and k not in ("warm_start", "first_round_epochs", "warm_start_lr")
-        }
-        if from_scratch and self.first_round_epochs is not None:
-            spec["epochs"] = self.first_round_epochs
-        if not from_scratch and self.warm_start_lr is not None:
-            spec["initial_lr"] = self.warm_start_lr
-        return spec
 
 
 @dataclass(frozen=True)
@@ -69,7 +45,7 @@ class Profile:
         return "" if self.name == "gpu" else "_alseg_cpu"
 
 
-GPU_SCHEDULE = Schedule(epochs=1000, iterations_per_epoch=250, val_iterations_per_epoch=50)
+GPU_SCHEDULE = Schedule(epochs=1000, iterations_per_epoch=250, val_iterations_per_epoch=50, warm_start=False)
 CPU_SCHEDULE = Schedule(
     epochs=8,
     iterations_per_epoch=50,
