@@ -4,8 +4,10 @@ A plain module (not a conftest) so that a subprocess can import it: ``sys.path.i
 ``from fake_backend import make_fake_backend``.
 
 * ``prepare`` writes a marker file (``nnunet/fake_prepared.json``) recording the planning cases.
-* ``train`` records which cases and label files it got (with the label files' SHA-256) in
-  ``out_dir/alseg_model.json``, written atomically: into ``out_dir.name + '.partial'`` and then renamed.
+* ``train`` records which cases and label files it got (with the label files' SHA-256) and the classes per case
+  (``case_classes``) in ``out_dir/alseg_model.json``, written atomically: into ``out_dir.name + '.partial'`` and
+  then renamed. With ``uncertainty: {source: ensemble, ensemble: folds}`` it also records the cross-validation
+  folds drawn as the nnU-Net backend draws them, and each member's training and validation cases.
 * ``predict`` yields probabilities ``(K, C, *spatial)`` built deterministically from the ground truth of the
   case: the one-hot label smoothed by a per-voxel amount (< 0.5, so argmax is the ground truth) drawn from a
   generator seeded by the case id and the model's training seed. Uncertainty strategies therefore see
@@ -29,6 +31,7 @@ import numpy as np
 from alseg.backends.base import TrainingCase, TrainResult
 from alseg.config import ExperimentConfig
 from alseg.data.dataset import Dataset
+from alseg.data.folds import cross_validation_folds, fold_generator, nnunet_splits
 from alseg.strategies.base import CasePrediction
 
 MODEL_FILE = "alseg_model.json"
@@ -68,7 +71,12 @@ class FakeBackend:
         os.replace(tmp, marker)
 
     def train(
-        self, cases: Mapping[str, TrainingCase], out_dir: Path, seed: int, init_from: Path | None = None
+        self,
+        cases: Mapping[str, TrainingCase],
+        out_dir: Path,
+        seed: int,
+        init_from: Path | None = None,
+        case_classes: Mapping[str, set[int]] | None = None,
     ) -> TrainResult:
         t0 = time.perf_counter()
         self.calls.append(("train", sorted(cases)))
@@ -88,7 +96,19 @@ class FakeBackend:
                 }
                 for cid, case in sorted(cases.items())
             },
+            "case_classes": None
+            if case_classes is None
+            else {cid: sorted(int(c) for c in v) for cid, v in sorted(case_classes.items())},
         }
+        u = self.cfg.uncertainty
+        if u.source == "ensemble" and u.ensemble == "folds":  # as NnUNetBackend: member k trains outside fold k
+            classes = {cid: set((case_classes or {}).get(cid, ())) for cid in cases}
+            folds = cross_validation_folds(classes, int(u.n_samples or 2), fold_generator(seed))
+            record["validation_folds"] = folds
+            record["members"] = [
+                {"fold": k, "train_cases": split["train"], "val_cases": split["val"]}
+                for k, split in enumerate(nnunet_splits(folds))
+            ]
         partial = out_dir.with_name(out_dir.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
@@ -124,7 +144,12 @@ class FakeBackend:
             yield pred
 
     def gradient_embedder(self, model_dir: Path, layers: str = "bottleneck") -> Any:
-        """Fake region gradients: seeded per (case, box) vectors of 64 numbers plus the region's fg fraction."""
+        """Fake region gradients: seeded per (case, box) vectors of 64 numbers plus the region's fg fraction.
+
+        ``parameter_ranges`` names fake weights of the requested ``layers`` (one bottleneck weight, or two
+        decoder stages of 32 numbers), so a query record shows which set a strategy asked for."""
+        if layers not in ("bottleneck", "decoder"):
+            raise ValueError(f"unknown gradient layers {layers!r}; valid: 'bottleneck', 'decoder'")
 
         def embed(case_id: str, boxes: Sequence[Any], index: np.ndarray | None) -> np.ndarray:
             gt = self.ds.read_label(case_id)
@@ -137,6 +162,11 @@ class FakeBackend:
             return g if index is None else g[:, index]
 
         embed.n_params = 64
+        embed.layers = layers
+        if layers == "decoder":
+            embed.parameter_ranges = [("decoder.stages.0.fake.weight", 0, 32), ("decoder.stages.1.fake.weight", 32, 64)]
+        else:
+            embed.parameter_ranges = [("encoder.stages.-1.fake.weight", 0, 64)]
         return embed
 
     # ------------------------------------------------------------------ helpers

@@ -93,6 +93,54 @@ def test_uncertainty_source(
         assert conf["architecture"]["arch_kwargs"]["dropout_op"] == "torch.nn.Dropout"
 
 
+def test_fold_ensemble_members_train_outside_their_fold(small_hippocampus: Path, tmp_path: Path) -> None:
+    """nnActive's ensemble: member k is nnU-Net's fold k of a cross-validation of the annotated cases."""
+    uncertainty = {"source": "ensemble", "n_samples": 2, "ensemble": "folds"}
+    exp = run_two_rounds(small_hippocampus, tmp_path / "exp", "bald", uncertainty)
+    check(exp, "bald")
+    state = ExperimentState(exp / DB_FILE)
+    try:
+        pool, _ = state.split()
+        annotated = {r: {g.region.case_id for g in state.regions(max_round=r)} for r in (0, 1)}
+    finally:
+        state.close()
+    for r in (0, 1):
+        model = exp / "rounds" / f"{r:03d}" / "model"
+        report = json.loads((model / "alseg_model.json").read_text())
+        splits = json.loads((model / "splits_final.json").read_text())  # the file nnU-Net trained from
+        folds = report["validation_folds"]
+        assert report["ensemble"] == "folds" and len(folds) == 2 and all(folds)
+        assert sorted(c for fold in folds for c in fold) == sorted(annotated[r])
+        assert sorted(p.name for p in model.glob("fold_*")) == ["fold_0", "fold_1"]
+        for k, member in enumerate(report["members"]):
+            complement = annotated[r] - set(folds[k])
+            assert member["fold"] == k
+            assert set(member["train_cases"]) == complement and set(member["val_cases"]) == set(folds[k])
+            assert set(splits[k]["train"]) == complement and set(splits[k]["val"]) == set(folds[k])
+            log = (model / f"fold_{k}" / "alseg_train.log").read_text()
+            assert f"This split has {len(complement)} training and {len(folds[k])} validation cases" in log
+            if r == 1:  # warm start from the same member of the previous round
+                previous = exp / "rounds" / "000" / "model" / f"fold_{k}" / "checkpoint_final.pth"
+                assert Path(member["init_from"]).resolve() == previous.resolve()
+
+    # the members disagree somewhere: BALD (mutual information) > 0 on the pool
+    from alseg.backends.nnunet import make_backend
+    from alseg.config import load_config
+    from alseg.data.dataset import load_dataset
+
+    cfg = load_config(exp / "config.yaml")
+    backend = make_backend(cfg, load_dataset(cfg.dataset), exp / "nnunet")
+    bald_max = 0.0
+    for pred in backend.predict(exp / "rounds" / "001" / "model", sorted(pool)[:3], n_samples=2):
+        p = np.clip(pred.probs.astype(np.float64), 1e-12, 1.0)
+        assert p.shape[0] == 2
+        mean = p.mean(axis=0)
+        entropy_of_mean = -(mean * np.log(mean)).sum(axis=0)
+        mean_entropy = -(p * np.log(p)).sum(axis=1).mean(axis=0)
+        bald_max = max(bald_max, float((entropy_of_mean - mean_entropy).max()))
+    assert bald_max > 1e-4
+
+
 @pytest.mark.parametrize(
     ("strategy", "uncertainty"),
     [("badge", None), ("coreset", None), ("usim_c", {"source": "mc_dropout", "n_samples": 2})],

@@ -53,7 +53,7 @@ def test_paper_example_creates_an_experiment(name: str, synthetic_dataset: Path,
     """The example's own settings, on the small synthetic dataset: only the sizes shrink to fit it."""
     cfg = load_config(EXAMPLES / name)
     small = cfg.model_copy(
-        update={"dataset": synthetic_dataset, "query_size": 2, "starting_budget": 2, "rounds": 2}
+        update={"dataset": synthetic_dataset, "query_size": 2, "starting_budget": 6, "rounds": 2}
         | ({"region_size": [8, 8, 8]} if cfg.unit == "box" else {})
     )
     stored = create_experiment(small, tmp_path / "exp")

@@ -81,6 +81,8 @@ class UncertaintyConfig(BaseModel):
     def _samples(self) -> UncertaintyConfig:
         if self.n_samples is None:
             self.n_samples = DEFAULT_SAMPLES[self.source]
+        if self.source == "ensemble" and self.ensemble == "folds" and self.n_samples < 2:
+            raise ValueError(f"a cross-validation ensemble needs n_samples >= 2 folds, got {self.n_samples}")
         if self.source == "softmax" and self.n_samples != 1:
             raise ValueError(f"source 'softmax' gives one sample; n_samples must be 1, got {self.n_samples}")
         return self

@@ -171,6 +171,9 @@ def test_stochastic_batches_scores_every_base_on_the_whole_pool(base: str) -> No
         ("power_bald", {"beta": float("inf")}, "beta"),
         ("random_fg66", {"p_uniform": 2.0}, "probabilities"),
         ("coreset", {"stride_fraction": 0}, "stride_fraction"),
+        ("usim_c", {"pool": "some"}, "unknown pool"),
+        ("usim_f", {"similarity": "dot"}, "unknown similarity"),
+        ("usim_c", {"max_dim": 0}, "max_dim"),
         ("badge", {"stride_fraction": 1.5}, "stride_fraction"),
     ],
 )

@@ -44,9 +44,21 @@ class SegmentationBackend(Protocol):
         ...
 
     def train(
-        self, cases: Mapping[str, TrainingCase], out_dir: Path, seed: int, init_from: Path | None = None
+        self,
+        cases: Mapping[str, TrainingCase],
+        out_dir: Path,
+        seed: int,
+        init_from: Path | None = None,
+        case_classes: Mapping[str, set[int]] | None = None,
     ) -> TrainResult:
-        """Train one model on ``cases`` and leave it, complete, in ``out_dir`` (written atomically)."""
+        """Train one model on ``cases`` and leave it, complete, in ``out_dir`` (written atomically).
+
+        ``seed``: the training seed (the loop passes ``experiment seed * 1000 + round``); the same seed gives the
+        same training draws, so a resumed round repeats them. ``init_from``: the previous round's model to warm
+        start from. ``case_classes``: per case of ``cases``, the foreground classes in its annotated voxels; a
+        backend that splits the cases into cross-validation folds (an nnActive ensemble) uses it to put every
+        class into at least two folds, any other backend may ignore it. The loop passes it only for
+        ``uncertainty.ensemble: folds``."""
         ...
 
     def predict(
@@ -60,7 +72,10 @@ class SegmentationBackend(Protocol):
         """Stream predictions case by case: probability samples ``(K, C, *spatial)`` in image geometry."""
         ...
 
-    def gradient_embedder(self, model_dir: Path) -> Callable[..., np.ndarray]:
+    def gradient_embedder(self, model_dir: Path, layers: str = "bottleneck") -> Callable[..., np.ndarray]:
         """``(case_id, boxes, index) -> (len(boxes), D)`` per-region gradient embeddings (flat parameter
-        indices ``index`` of the embedded layer, or all of them); the callable has ``n_params``."""
+        indices ``index`` of the embedded weights, or all of them); the callable has ``n_params``.
+
+        ``layers``: ``"bottleneck"`` (the last convolution of the encoder's bottleneck stage, USIMC) or
+        ``"decoder"`` (the convolution weights of every decoder stage, USIMF)."""
         ...

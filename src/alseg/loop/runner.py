@@ -183,6 +183,13 @@ def create_experiment(cfg: ExperimentConfig, exp_dir: Path) -> ExperimentConfig:
                 f"{cfg.starting_regions} lists {len(start_regions)} regions; leave starting_budget out"
             )
     n_start = cfg.starting_size if start_regions is None else len(start_regions)
+    u = cfg.uncertainty
+    if u.source == "ensemble" and u.ensemble == "folds" and n_start < (u.n_samples or 0):
+        raise ConfigError(
+            f"invalid config: a {u.n_samples}-fold cross-validation ensemble needs at least {u.n_samples} annotated "
+            f"cases to train round 0, but the starting budget has {n_start} regions; raise starting_budget, lower "
+            "uncertainty.n_samples, or use ensemble: seeds"
+        )
     needed = n_start + (cfg.rounds - 1) * cfg.query_size
     cap = capacity(ds, pool, cfg)
     if needed > cap:
@@ -554,11 +561,15 @@ class Experiment:
         extra: dict[str, Any] = {}
         u = self.cfg.uncertainty
         if u.source == "ensemble" and u.ensemble == "folds":  # only then: backends without the argument still work
-            # the foreground classes in each case's annotated voxels, for nnActive's folds (each class in two)
+            # the classes in each case's annotated voxels, background included as nnActive counts it, for its
+            # folds (each class in at least two)
             case_classes: dict[str, set[int]] = {cid: set() for cid in cases}
             for sr in self.state.regions(max_round=r, status="annotated"):
                 if sr.region.case_id in case_classes:
-                    found = {int(lab) for lab, n in (sr.fg_voxels or {}).items() if int(n) > 0}
+                    counts = {int(lab): int(n) for lab, n in (sr.fg_voxels or {}).items()}
+                    found = {lab for lab, n in counts.items() if n > 0}
+                    if sr.region.box.n_voxels > sum(counts.values()):
+                        found.add(0)
                     case_classes[sr.region.case_id] |= found
             extra["case_classes"] = case_classes
         result = self.backend.train(cases, self.model_dir(r), seed=self.cfg.seed * 1000 + r, init_from=init, **extra)

@@ -83,11 +83,19 @@ class NnUNetBackend:
         tta_flip_axes: Sequence[int] | None = None,
         tta_max_angle: float = 10.0,
         tta_noise_std: float = 0.01,
+        ensemble: Literal["seeds", "folds"] = "seeds",
     ) -> None:
         if uncertainty not in ("softmax", "mc_dropout", "tta", "ensemble"):
             raise ValueError(f"unknown uncertainty source {uncertainty!r}; expected softmax, mc_dropout, tta, ensemble")
+        if ensemble not in ("seeds", "folds"):
+            raise ValueError(f"unknown ensemble kind {ensemble!r}; expected seeds or folds")
         self.uncertainty = uncertainty
         self.n_models = int(n_models) if uncertainty == "ensemble" else 1
+        # ensemble: "seeds" trains every member on all cases; "folds" trains member k on all cases outside
+        # validation fold k of a cross-validation (nnActive); only meaningful for the ensemble source
+        self.ensemble = ensemble if uncertainty == "ensemble" else "seeds"
+        if self.ensemble == "folds" and self.n_models < 2:
+            raise ValueError(f"a cross-validation ensemble needs at least 2 folds (n_samples), got {self.n_models}")
         self.dropout_train_p = dropout_train_p
         self.dropout_query_p = dropout_query_p
         self.tta_flip_axes = tta_flip_axes
@@ -214,12 +222,25 @@ class NnUNetBackend:
         return ["all"] if self.n_models == 1 else [str(k) for k in range(self.n_models)]
 
     def train(
-        self, cases: Mapping[str, TrainingCase], out_dir: Path, seed: int, init_from: Path | None = None
+        self,
+        cases: Mapping[str, TrainingCase],
+        out_dir: Path,
+        seed: int,
+        init_from: Path | None = None,
+        case_classes: Mapping[str, set[int]] | None = None,
     ) -> TrainResult:
-        """Train one model (or ``n_models`` ensemble members with different seeds) on all ``cases``.
+        """Train one model (or ``n_models`` ensemble members) on ``cases``.
 
         Members are stored as nnU-Net folds: ``fold_all`` for one model, ``fold_0 ... fold_{K-1}`` for an
-        ensemble (deep ensemble: every member sees all annotated data, from its own initialisation / seed).
+        ensemble. ``ensemble="seeds"`` (deep ensemble): every member sees all annotated data, from its own
+        initialisation / seed. ``ensemble="folds"`` (nnActive): the cases are split into K validation folds in
+        which every class of ``case_classes`` (present in at least two cases) lies in at least two folds
+        (:func:`alseg.data.folds.cross_validation_folds`, drawn from ``fold_generator(seed)``, so a rerun of
+        the round draws the same split), and member k is nnU-Net's fold k: it trains on every case outside
+        fold k. The split goes to nnU-Net as ``splits_final.json``; a copy stays in the model directory and
+        the summary records it (``validation_folds``) with each member's training and validation cases.
+        Without ``case_classes`` the folds are drawn without the class rule. Warm start: member k starts from
+        ``fold_k`` of ``init_from``.
         """
         out_dir = Path(out_dir)
         if (out_dir / MODEL_COMPLETE).exists():
@@ -238,6 +259,20 @@ class NnUNetBackend:
         plans_path = work / "plans.json"
         plans_path.write_text(json.dumps(plans))
         model = work / "model"
+        folds: list[list[str]] | None = None
+        splits: list[dict[str, list[str]]] | None = None
+        short: list[int] = []
+        if self.ensemble == "folds":
+            from alseg.data.folds import cross_validation_folds, fold_generator, nnunet_splits, short_classes
+
+            if case_classes is None:
+                self.log("no classes per case given: the cross-validation folds ignore the class rule")
+            classes = {cid: {int(c) for c in (case_classes or {}).get(cid, ())} for cid in cases}
+            folds = cross_validation_folds(classes, self.n_models, fold_generator(seed))
+            splits = nnunet_splits(folds)
+            short = short_classes(folds, classes)
+            if short:
+                self.log(f"classes {short} lie in fewer than two cross-validation folds; some members miss them")
         t0 = time.perf_counter()
         reports = []
         for k, fold in enumerate(self._fold_names()):
@@ -261,16 +296,23 @@ class NnUNetBackend:
                 "schedule": self.profile.schedule.to_spec(from_scratch=init_ckpt is None),
                 "init_checkpoint": init_ckpt,
                 "report_file": str(member / "report.json"),
+                "fold": k if splits is not None else "all",
+                "splits": splits,
             }
             self._run_worker("train", spec, member, training=True)
             report = json.loads((member / "report.json").read_text())
+            if splits is not None and report.get("train_cases") != splits[k]["train"]:
+                raise BackendError(
+                    f"nnU-Net trained member {k} on {report.get('train_cases')}, not on its split {splits[k]['train']}"
+                )
             trained = Path(report["output_folder"])
+            nn_fold = f"fold_{spec['fold']}"  # nnU-Net's folder: fold_all, or fold_k of the split
             if not model.exists():
-                trained.rename(model)  # plans.json, dataset.json, fold_all
+                trained.rename(model)  # plans.json, dataset.json, the fold folder
             else:
-                (trained / "fold_all").rename(model / "fold_all")
-            if fold != "all":
-                (model / "fold_all").rename(model / f"fold_{fold}")
+                (trained / nn_fold).rename(model / nn_fold)
+            if nn_fold != f"fold_{fold}":
+                (model / nn_fold).rename(model / f"fold_{fold}")
             (model / f"fold_{fold}" / "checkpoint_best.pth").unlink(missing_ok=True)
             shutil.copyfile(member / "train.log", model / f"fold_{fold}" / "alseg_train.log")
             report["init_from"] = init_ckpt
@@ -279,11 +321,16 @@ class NnUNetBackend:
             "configuration": configuration,
             "profile": self.profile.name,
             "uncertainty": self.uncertainty,
+            "ensemble": self.ensemble if self.uncertainty == "ensemble" else None,
             "folds": self._fold_names(),
+            "validation_folds": folds,
+            "classes_short_of_two_folds": short if folds is not None else None,
             "seconds": time.perf_counter() - t0,
             "train_seconds": sum(r["train_seconds"] for r in reports),
             "members": reports,
         }
+        if splits is not None:
+            (model / "splits_final.json").write_text(json.dumps(splits, indent=2))
         (model / MODEL_COMPLETE).write_text(json.dumps(summary, indent=2))
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -349,9 +396,15 @@ class NnUNetBackend:
                 pred.features, pred.extras["last_features"] = _features(predictor, image, props)
             yield pred
 
-    def gradient_embedder(self, model_dir: Path) -> Callable[..., np.ndarray]:
-        """``(case_id, boxes, index) -> (len(boxes), len(index))`` gradient embeddings, and ``.n_params``."""
-        grads = RegionGradients(self._load_predictor(Path(model_dir)))
+    def gradient_embedder(self, model_dir: Path, layers: str = "bottleneck") -> Callable[..., np.ndarray]:
+        """``(case_id, boxes, index) -> (len(boxes), len(index))`` gradient embeddings of the weights chosen by
+        ``layers`` (``"bottleneck"``: USIMC, ``"decoder"``: USIMF; see :func:`gradient_parameters`).
+
+        The callable has ``n_params`` (the length of the full flat embedding), ``layers``, and
+        ``parameter_ranges``: ``(parameter name, start, stop)`` of each weight's flat range in it.
+        """
+        check_gradient_layers(layers)
+        grads = RegionGradients(self._load_predictor(Path(model_dir)), layers)
 
         def embed(case_id: str, boxes: Sequence[Any], index: np.ndarray | None) -> np.ndarray:
             image, spacing = self.read_image(case_id)
@@ -359,6 +412,8 @@ class NnUNetBackend:
             return grads(np.ascontiguousarray(image, dtype=np.float32), props, boxes, index)
 
         embed.n_params = grads.n_params  # type: ignore[attr-defined]
+        embed.layers = layers  # type: ignore[attr-defined]
+        embed.parameter_ranges = list(grads.parameter_ranges)  # type: ignore[attr-defined]
         return embed
 
     def _load_predictor(self, model_dir: Path) -> Any:
@@ -473,24 +528,182 @@ def _features(predictor: Any, image: np.ndarray, props: dict) -> tuple[np.ndarra
     return revert(b), revert(h)
 
 
+#: weight sets a region gradient embedding can be taken of (``NnUNetBackend.gradient_embedder(layers=...)``)
+GRADIENT_LAYERS = ("bottleneck", "decoder")
+
+
+def check_gradient_layers(layers: str) -> None:
+    """A ValueError naming ``layers`` and the valid ones unless it is one of :data:`GRADIENT_LAYERS`."""
+    if layers not in GRADIENT_LAYERS:
+        raise ValueError(f"unknown gradient layers {layers!r}; valid: {', '.join(map(repr, GRADIENT_LAYERS))}")
+
+
+def gradient_parameters(network: Any, layers: str = "bottleneck") -> list[tuple[str, Any]]:
+    """The named parameters of a (PlainConv / ResidualEncoder) U-Net whose gradients make a region embedding.
+
+    The order is the order of concatenation of the flat embedding.
+
+    - ``"bottleneck"`` (USIMC, seed 001 "gradient embeddings of the bottleneck layer"): the weight of the last
+      convolution of ``encoder.stages[-1]``. ALUNET's ``layer_used='mid'`` takes the same layer (the last
+      ``encoder…convs.1.conv``); its bias is left out, as ALUNET only ever keeps the first 10,000 numbers,
+      all of them weights.
+    - ``"decoder"`` (USIMF): weight and bias of every convolution of every decoder stage
+      ``decoder.stages[i]`` (i = 0 is the lowest resolution, as nnU-Net computes them), stage by stage,
+      convolution by convolution. This is ALUNET's ``layer_used='decoder'`` collection
+      (USIMFStrategyUNet.py:61, 219-223; layercollection.py:62-81 and 30-35): module names containing
+      ``decoder``, ``convs`` and ``0.conv`` or ``1.conv``, kept only when the module is a Conv2d/Conv3d, then
+      all of each module's parameters, so weight *and* bias. That holds the stage convolutions only: the
+      transposed convolutions (``decoder.transpconvs``, not Conv2d/Conv3d and named without ``convs.N.conv``),
+      the 1×1 segmentation heads (``decoder.seg_layers``) and the norms are not in it. Taking every
+      convolution of a stage (not only ``convs.0`` / ``convs.1``) is the same with nnU-Net's default two
+      convolutions per decoder stage.
+
+    An unknown ``layers`` is a ValueError. Parameter names are those of ``network.named_parameters()`` (a
+    ``torch.compile`` wrapper is looked through).
+    """
+    import torch
+
+    check_gradient_layers(layers)
+    net = getattr(network, "_orig_mod", network)
+    conv_nd, transposed = torch.nn.modules.conv._ConvNd, torch.nn.modules.conv._ConvTransposeNd
+    chosen: list[Any] = []
+    if layers == "bottleneck":
+        convs = [m for m in net.encoder.stages[-1].modules() if isinstance(m, conv_nd)]
+        if not convs:
+            raise ValueError("the network's bottleneck stage (encoder.stages[-1]) has no convolution")
+        chosen.append(convs[-1].weight)
+    elif layers == "decoder":
+        for stage in net.decoder.stages:
+            for m in stage.modules():
+                if isinstance(m, conv_nd) and not isinstance(m, transposed):
+                    chosen.extend(p for p in (m.weight, m.bias) if p is not None)
+        if not chosen:
+            raise ValueError("the network's decoder stages (decoder.stages) have no convolution")
+    names = {id(p): n for n, p in net.named_parameters()}
+    return [(names[id(p)], p) for p in chosen]
+
+
+def parameter_ranges(named: Sequence[tuple[str, Any]]) -> list[tuple[str, int, int]]:
+    """``(name, start, stop)``: the flat range of each parameter in the concatenated embedding."""
+    out, start = [], 0
+    for name, p in named:
+        stop = start + int(p.numel())
+        out.append((name, start, stop))
+        start = stop
+    return out
+
+
+def region_loss_gradients(
+    losses: Any, params: Sequence[Any], index: np.ndarray | None = None, max_batch: int = 16
+) -> np.ndarray:
+    """Row i: ∂ losses[i] / ∂ params, each flattened, concatenated in order, restricted to columns ``index``.
+
+    Batched backward passes (``is_grads_batched``) of at most ``max_batch`` rows each; if an op has no
+    batching rule, one backward per row. The graph is kept until the caller drops ``losses``.
+    """
+    import torch
+
+    n = int(losses.shape[0])
+    sizes = [int(p.numel()) for p in params]
+    spans = [(int(a), int(a) + size) for a, size in zip(np.cumsum([0, *sizes[:-1]]), sizes, strict=True)]
+    total = sum(sizes)
+    # per parameter: the output columns it fills and (with ``index``) the flat positions it gives them
+    picks: list[tuple[np.ndarray | slice, Any]] = []
+    if index is None:
+        picks = [(slice(a, b), None) for a, b in spans]
+        width = total
+    else:
+        index = np.asarray(index, dtype=np.int64).reshape(-1)
+        if index.size and (index.min() < 0 or index.max() >= total):
+            raise ValueError(f"parameter index out of range [0, {total})")
+        for a, b in spans:
+            cols = np.flatnonzero((index >= a) & (index < b))
+            picks.append((cols, torch.as_tensor(index[cols] - a, device=losses.device)))
+        width = int(index.size)
+    out = np.zeros((n, width), dtype=np.float32)
+    eye = torch.eye(n, device=losses.device, dtype=losses.dtype)
+    batched = True
+    for lo in range(0, n, max(1, int(max_batch))):
+        hi = min(n, lo + max(1, int(max_batch)))
+        grads: Sequence[Any] | None = None
+        if batched:
+            try:
+                grads = torch.autograd.grad(
+                    losses, params, grad_outputs=eye[lo:hi], is_grads_batched=True, retain_graph=True, allow_unused=True
+                )
+            except RuntimeError:  # an op without a batching rule: one backward per region from now on
+                batched = False
+        if grads is None:
+            rows = [torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True) for i in range(lo, hi)]
+            grads = [
+                torch.stack([r[j] if r[j] is not None else torch.zeros_like(p) for r in rows])
+                for j, p in enumerate(params)
+            ]
+        for (cols, pos), g in zip(picks, grads, strict=True):
+            if g is None:  # the loss does not depend on this parameter
+                continue
+            flat = g.reshape(hi - lo, -1)
+            if pos is not None:
+                if len(cols) == 0:
+                    continue
+                flat = flat[:, pos]
+            out[lo:hi, cols] = flat.detach().float().cpu().numpy()
+    return out
+
+
+def network_region_gradients(
+    network: Any,
+    x: Any,
+    masks: Any,
+    params: Sequence[Any],
+    index: np.ndarray | None = None,
+    *,
+    slicewise: bool = False,
+    crop: tuple[slice, ...] | None = None,
+    max_batch: int = 16,
+) -> np.ndarray:
+    """Gradient embeddings of regions of one case: row i = ∂/∂params Σ_x masks[i](x) · CE(p(x), ŷ(x)).
+
+    ``x``: the network input, ``(1, C, *spatial)``, or ``(S, C, *slice)`` for a 2D network run slice by slice
+    (``slicewise``: the batch axis is the case's first axis). ``crop`` cuts the padding off the logits.
+    ``masks``: ``(R, *case shape)`` region masks on the input grid. ŷ is the argmax pseudo-label, so CE =
+    −max_c log p_c. Flat columns follow :func:`region_loss_gradients`.
+    """
+    import torch
+
+    with torch.enable_grad():
+        logits = network(x)
+        logits = logits[0] if isinstance(logits, list | tuple) else logits
+        if crop is not None:
+            logits = logits[crop]
+        logp = torch.log_softmax(logits.float(), dim=1)
+        ce = -logp.max(dim=1).values  # CE against the argmax pseudo-label, (B, *shape)
+        ce_case = ce if slicewise else ce[0]
+        losses = (masks.to(ce_case.device, ce_case.dtype) * ce_case[None]).flatten(1).sum(1)
+        return region_loss_gradients(losses, params, index, max_batch=max_batch)
+
+
 class RegionGradients:
     """Per-region gradient embeddings of a trained nnU-Net (USIM): ∂/∂W Σ_{x∈region} CE(p(x), ŷ(x)).
 
-    W is the weight of the last convolution of the encoder's bottleneck stage, ŷ the argmax pseudo-label. One
-    forward pass per case; the gradients of all of the case's regions come from one batched backward pass
-    (``is_grads_batched``), restricted to the flat parameter indices ``index`` (≤ 10,000 numbers).
+    W is the list of weights chosen by ``layers`` (:func:`gradient_parameters`): the last convolution of the
+    encoder's bottleneck stage (``"bottleneck"``, USIMC) or every convolution of every decoder stage
+    (``"decoder"``, USIMF, as ALUNET). ŷ is the argmax pseudo-label. One forward pass per case; the gradients
+    of the case's regions come from batched backward passes (``is_grads_batched``), flattened and concatenated
+    in the order of ``parameter_ranges`` and restricted to the flat indices ``index`` (≤ 10,000 numbers).
     """
 
-    def __init__(self, predictor: Any) -> None:
-        import torch
-
+    def __init__(self, predictor: Any, layers: str = "bottleneck", max_batch: int = 16) -> None:
         self.predictor = predictor
         self.network = predictor.network
-        self.network.load_state_dict(predictor.list_of_parameters[0])
+        self.layers = layers
+        self.max_batch = max_batch
+        named = gradient_parameters(self.network, layers)  # validates ``layers`` before loading any weights
+        self.network.load_state_dict(predictor.list_of_parameters[0])  # in place: ``named`` stays valid
         self.network.eval()
-        convs = [m for m in self.network.encoder.stages[-1].modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
-        self.weight = convs[-1].weight
-        self.n_params = int(self.weight.numel())
+        self.params = [p for _, p in named]
+        self.parameter_ranges = parameter_ranges(named)
+        self.n_params = self.parameter_ranges[-1][2]
 
     def __call__(self, image: np.ndarray, props: dict, boxes: Sequence[Any], index: np.ndarray | None) -> np.ndarray:
         import torch
@@ -516,30 +729,9 @@ class RegionGradients:
         x = torch.nn.functional.pad(x, pad).to(p.device)
         crop = (slice(None), slice(None), *(slice(0, int(n)) for n in shape))
         self.network.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            logits = self.network(x)
-            logits = logits[0] if isinstance(logits, list | tuple) else logits
-            logits = logits[crop]  # (B, C, *shape)
-            logp = torch.log_softmax(logits.float(), dim=1)
-            ce = -logp.max(dim=1).values  # CE against the argmax pseudo-label, (B, *shape)
-            ce_case = ce if slicewise else ce[0]  # (*preprocessed shape)
-            losses = (masks.to(ce_case.device, ce_case.dtype) * ce_case[None]).flatten(1).sum(1)
-            try:
-                (grads,) = torch.autograd.grad(
-                    losses,
-                    self.weight,
-                    grad_outputs=torch.eye(len(boxes), device=losses.device),
-                    is_grads_batched=True,
-                )
-            except RuntimeError:  # an op without batching rule: one backward per region
-                grads = torch.stack(
-                    [
-                        torch.autograd.grad(losses[i], self.weight, retain_graph=i < len(boxes) - 1)[0]
-                        for i in range(len(boxes))
-                    ]
-                )
-        flat = grads.reshape(len(boxes), -1).detach().cpu().numpy().astype(np.float32)
-        return flat if index is None else flat[:, index]
+        return network_region_gradients(
+            self.network, x, masks, self.params, index, slicewise=slicewise, crop=crop, max_batch=self.max_batch
+        )
 
 
 def _box_mask_preprocessed(box: Any, pp: dict, pm: Any, pre_shape: Sequence[int]) -> np.ndarray:

@@ -78,8 +78,34 @@ def _trainer_class(optimizer: str) -> type:
     raise ValueError(f"unknown optimizer {optimizer!r} in the training spec; expected 'sgd' or 'adam'")
 
 
+def _fold(spec: dict[str, Any]) -> int | str:
+    """The spec's fold: ``"all"`` (train on every case) or k, member k of a cross-validation given by ``splits``.
+
+    nnU-Net quietly falls back to a random 80:20 split for a fold its ``splits_final.json`` lacks; a spec asking
+    for such a fold, or naming cases it does not preprocess, is refused here instead.
+    """
+    fold = spec.get("fold", "all")
+    if fold == "all":
+        return "all"
+    splits = spec.get("splits") or []
+    if not isinstance(fold, int) or not 0 <= fold < len(splits):
+        raise ValueError(f"training fold {fold!r} needs a 'splits' entry for it; the spec has {len(splits)} splits")
+    for k, split in enumerate(splits):
+        unknown = (set(split["train"]) | set(split["val"])) - set(spec["cases"])
+        if unknown:
+            raise ValueError(f"split {k} names cases the spec does not hold: {sorted(unknown)}")
+        if not split["train"]:
+            raise ValueError(f"split {k} has no training case")
+    return fold
+
+
 def train(spec: dict[str, Any]) -> None:
-    """Preprocess the annotated cases with the frozen plans and train one model (fold 'all')."""
+    """Preprocess the annotated cases with the frozen plans and train one model.
+
+    ``spec["fold"]``: ``"all"`` (the default) trains on every case; an int k trains nnU-Net's fold k of the
+    cross-validation ``spec["splits"]`` (nnU-Net's ``splits_final.json`` format, written into the preprocessed
+    dataset folder), i.e. on ``splits[k]["train"]``. The report records the cases nnU-Net trained and validated on.
+    """
     import numpy as np  # noqa: F401 - imported before torch on purpose (thread settings)
     import torch
 
@@ -101,6 +127,9 @@ def train(spec: dict[str, Any]) -> None:
     _write_json(pre_base / "nnUNetPlans.json", plans)
     _write_json(pre_base / "dataset.json", dataset_json)
     shutil.copyfile(spec["fingerprint_file"], pre_base / "dataset_fingerprint.json")
+    fold = _fold(spec)
+    if fold != "all":
+        _write_json(pre_base / "splits_final.json", spec["splits"])
 
     t0 = time.perf_counter()
     preprocessor = DefaultPreprocessor(verbose=False)
@@ -113,7 +142,7 @@ def train(spec: dict[str, Any]) -> None:
     schedule = spec["schedule"]
     trainer_class = _trainer_class(schedule.get("optimizer", "sgd"))
     trainer = trainer_class(
-        plans=plans, configuration=configuration, fold="all", dataset_json=dataset_json, device=device
+        plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json, device=device
     )
     trainer.num_epochs = int(schedule["epochs"])
     trainer.num_iterations_per_epoch = int(schedule["iterations_per_epoch"])
@@ -136,12 +165,16 @@ def train(spec: dict[str, Any]) -> None:
     t1 = time.perf_counter()
     trainer.run_training()
     t_train = time.perf_counter() - t1
+    train_keys, val_keys = trainer.do_split()  # what nnU-Net trained on (reads the split file it used)
     _write_json(
         Path(spec["report_file"]),
         {
             "preprocess_seconds": t_pre,
             "train_seconds": t_train,
-            "n_cases": len(spec["cases"]),
+            "n_cases": len(train_keys),
+            "fold": fold,
+            "train_cases": sorted(str(c) for c in train_keys),
+            "val_cases": sorted(str(c) for c in val_keys),
             "output_folder": trainer.output_folder_base,
             "train_losses": [float(v) for v in trainer.logger.local_logger.my_fantastic_logging["train_losses"]],
         },
