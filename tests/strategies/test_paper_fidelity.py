@@ -182,3 +182,25 @@ def test_bad_strategy_parameters_fail_when_the_strategy_is_built(key: str, param
     with pytest.raises(ValueError, match=match) as err:
         get_strategy(key, params)
     assert repr(key) in str(err.value)
+
+
+def test_starting_budget_recounts_the_rarest_class_after_each_class() -> None:
+    """nnActive removes a used case from every class's list and picks the rarest class again: class 3 (3 cases,
+    two of them taken by class 1) comes before class 2 (3 untouched cases), where a fixed order (ties by label
+    value) would take class 2 first."""
+    from alseg.strategies.starting import starting_budget
+
+    holders = {1: "ab", 2: "cde", 3: "abf"}
+    labels = {}
+    for case in "abcdefg":  # g: background only
+        gt = np.zeros((12, 12, 12), dtype=np.uint8)
+        for value, cases in holders.items():
+            if case in cases:
+                gt[4 * (value - 1) : 4 * (value - 1) + 2, 4:6, 4:6] = value
+        labels[case] = gt
+    view = dataclasses.replace(_view(labels, box=(4, 4, 4)), foreground_labels=(1, 2, 3))
+    regions = starting_budget(QueryContext(view, 10, 0, 5, 0, "entropy"), 10)
+    by_class = [r for r in regions if r.info["stage"] == "class"]
+    assert [r.info["label"] for r in by_class] == [1, 1, 3, 2, 2, 0, 0]
+    assert {r.case_id for r in by_class[:2]} == {"a", "b"} and by_class[2].case_id == "f"
+    assert len({r.case_id for r in by_class}) == len(by_class)

@@ -12,9 +12,8 @@ clamped to [0, 1] outside the query rounds.
 
 Per case the maps (every foreground class and PE) are visited in a random order; each takes up to its share
 of ``n_per_case`` boxes greedily by S̃ from one grid of free positions shared by all maps, so candidates of
-different maps never overlap. Shares per case (nnActive's split, with the class share divided over the
-foreground classes only): ceil(n_per_case · fg_share / n_fg) per class, ceil(n_per_case · (1 − fg_share))
-for PE, at least 1.
+different maps never overlap. Shares per case, as nnActive: int(n_per_case · fg_share / (n_fg + 1)) per class
+(nnActive's divisor counts the PE map), int(n_per_case · (1 − fg_share)) for PE, at least 1 each.
 
 Query split: Q_fg = floor(fg_share · Q) divided equally over the foreground classes, the remainder one each
 to randomly chosen classes; Q − Q_fg by the PE map. Each map's quota takes its best candidates by S̃ over
@@ -100,11 +99,18 @@ def split_query(
 
 
 def per_case_caps(n_per_case: int, n_fg: int, fg_share: float) -> tuple[int, int]:
-    """Boxes per case each map may take: (per foreground class, for PE), at least 1 each."""
+    """Boxes per case each map may take: (per foreground class, for PE), at least 1 each.
+
+    nnActive's (``ClassBalancedEntropy_66FG.query_file_from_dict``): int(n · fg_share / (n_fg + 1)) per class
+    (its divisor counts the PE map too) and int(n · (1 − fg_share)) for PE; with n = 20 and two classes 4 and 6.
+
+    >>> per_case_caps(20, 2, 0.66)
+    (4, 6)
+    """
     if n_fg == 0:
         return 0, max(1, n_per_case)
-    per_class = max(1, math.ceil(n_per_case * fg_share / n_fg - 1e-9))
-    pe = max(1, math.ceil(n_per_case * (1.0 - fg_share) - 1e-9))
+    per_class = max(1, int(n_per_case * fg_share / (n_fg + 1) + 1e-9))
+    pe = max(1, int(n_per_case * (1.0 - fg_share) + 1e-9))
     return per_class, pe
 
 

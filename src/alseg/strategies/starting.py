@@ -1,6 +1,7 @@
 """The starting budget (nnActive): class-covering boxes, then ``random_fg33`` boxes.
 
-For each class, background included, rarest first (fewest pool cases containing it; ties by label value):
+For each class, background included, rarest first (fewest unused pool cases containing it, counted again after
+every class; ties by label value):
 two boxes centred (clamped) on a random voxel of that class, in two different cases. Every class box lies
 in its own case: a case that holds a class box is removed from every class's list (as nnActive does), so the
 starting data spreads over as many cases as it can. A class found in fewer than two pool cases, or left with
@@ -57,12 +58,14 @@ def starting_budget(ctx: QueryContext, size: int) -> list[Region]:
                 BOXES_PER_CLASS,
                 len(cases_with[label]),
             )
-    order = sorted((label for label in labels if cases_with[label]), key=lambda c: (len(cases_with[c]), c))
-
     rng = sctx.rng("classes")
     chosen: list[Candidate] = []
     used: set[str] = set()
-    for label in order:
+    todo = [label for label in labels if cases_with[label]]
+    while todo:
+        # rarest first, counted again after every class: cases already used no longer count (as nnActive)
+        label = min(todo, key=lambda c: (sum(1 for cid in cases_with[c] if cid not in used), c))
+        todo.remove(label)
         remaining = [c for c in cases_with[label] if c not in used]
         n_label = 0
         while n_label < BOXES_PER_CLASS and remaining and len(chosen) < size:
