@@ -102,7 +102,11 @@ class ExperimentConfig(BaseModel):
     starting_budget: int | None = Field(default=None, ge=1, description="regions in round 0; default query_size")
     unit: Literal["box", "slice", "case"] = "box"
     region_size: list[int] | None = None
-    slice_axis: int = Field(default=0, ge=0)
+    slice_axis: int | None = Field(
+        default=None,
+        ge=0,
+        description="axis of 2D slices; default the lowest-resolution axis of anisotropic data, else 0",
+    )
     stride: list[int] | None = None
     n_per_case: int = Field(default=20, ge=1)
     holdout_fraction: float = Field(default=0.25, gt=0, lt=1)

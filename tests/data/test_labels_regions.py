@@ -12,7 +12,7 @@ import SimpleITK as sitk
 
 from alseg.data.dataset import Geometry, demo_dataset_path, load_dataset
 from alseg.data.labels import partial_label, write_label_nifti
-from alseg.data.regions import Box, Region, annotated_mask, default_region_size, unit_box_size
+from alseg.data.regions import Box, Region, annotated_mask, default_region_size, default_slice_axis, unit_box_size
 from alseg.scoring.boxes import (
     Candidate,
     block_box,
@@ -178,19 +178,43 @@ def test_unit_box_size() -> None:
 def test_default_region_size_on_the_real_hippocampus() -> None:
     ds = load_dataset(demo_dataset_path())
     shapes = [ds.geometry(c).shape for c in ds.case_ids]
+    spacings = [ds.geometry(c).spacing for c in ds.case_ids]
     med = np.median(np.asarray(shapes), axis=0)
     assert np.allclose(med, (37, 50, 36), atol=2.5)
-    assert default_region_size(shapes) == (20, 20, 20)
+    assert default_region_size(shapes, spacings) == (20, 20, 20)  # nnActive's Hippocampus box
+    assert default_slice_axis(spacings) == 0  # isotropic
+
+
+def test_default_region_size_follows_the_physical_geometry() -> None:
+    """A cardiac cine-MRI shape: about 10 slices of 256 x 216 voxels, 10 mm between slices, 1 mm in-plane.
+
+    The box is about isotropic in millimetres: 0.55 of the median physical size (216 mm) is 119 mm, which would
+    hold 12 x 119 x 119 voxels; shrunk to at most 20^3 = 8000 voxels the edge is 43 mm: 4 slices of 44 x 44
+    voxels (nnActive used 4 x 40 x 40 on ACDC), never the 9 x 9 x 9 voxels (90 x 9 x 9 mm) of a voxel rule."""
+    shapes = [(10, 256, 216), (9, 256, 216), (11, 232, 256)]
+    spacings = [(10.0, 1.0, 1.0)] * 3
+    size = default_region_size(shapes, spacings)
+    assert size == (4, 44, 44)
+    assert np.prod(size) <= 20**3
+    edges_mm = np.asarray(size) * np.asarray(spacings[0])
+    assert edges_mm.max() / edges_mm.min() < 1.15  # about isotropic in mm
+    assert default_slice_axis(spacings) == 0  # slices across the thick axis, as annotators draw them
+    # the thick axis stored last: the box and the slice axis follow it
+    assert default_region_size([(256, 216, 10)], [(1.0, 1.0, 10.0)]) == (44, 44, 4)
+    assert default_slice_axis([(0.7, 0.7, 5.0)]) == 2
 
 
 def test_default_region_size_rules() -> None:
     assert default_region_size([(37, 50, 36), (36, 51, 35), (38, 50, 37)]) == (20, 20, 20)
-    assert default_region_size([(10, 10, 10)]) == (8, 8, 8)  # lower clamp
-    assert default_region_size([(20, 100, 100)]) == (20, 20, 20)  # not larger than the smallest median extent
-    assert default_region_size([(500, 500, 500)]) == (64, 64, 64)  # upper clamp
+    assert default_region_size([(10, 10, 10)]) == (6, 6, 6)  # 0.55 of the size, rounded
+    assert default_region_size([(20, 100, 100)]) == (20, 20, 20)  # at most 8000 voxels, at most the image
+    assert default_region_size([(500, 500, 500)]) == (20, 20, 20)  # the voxel budget
+    assert default_region_size([(1, 300, 300)], [(5.0, 1.0, 1.0)]) == (1, 88, 88)  # at least one voxel, 88² ≤ 8000
     assert default_region_size([(100, 120)]) == (60, 60)
     with pytest.raises(ValueError, match="empty"):
         default_region_size([])
+    with pytest.raises(ValueError, match="spacings must be positive"):
+        default_region_size([(10, 10)], [(0.0, 1.0)])
 
 
 # --------------------------------------------------------------------------- box scoring

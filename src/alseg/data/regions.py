@@ -97,20 +97,60 @@ def unit_box_size(
     raise ValueError(f"unknown annotation unit {unit!r}; expected one of 'box', 'slice', 'case'")
 
 
-def default_region_size(shapes: Iterable[Sequence[int]], fraction: float = 0.55) -> tuple[int, ...]:
-    """The default box size for a dataset: a cube whose edge is ``fraction`` of the median image extent.
+#: a default 3D region holds at most this many voxels: nnActive's 20³ boxes (Hippocampus, BraTS); its
+#: ACDC boxes of 4 × 40 × 40 hold 6,400
+MAX_REGION_VOXELS = 20**3
 
-    The edge is ``fraction`` times the median over axes of the per-axis median extent, rounded to an even
-    number and clamped to [8, 64] and to the smallest median extent. On Hippocampus (median shape
-    37 x 50.5 x 36) this gives 20^3, the size nnActive used there.
+
+def default_region_size(
+    shapes: Iterable[Sequence[int]],
+    spacings: Iterable[Sequence[float]] | None = None,
+    fraction: float = 0.55,
+    max_voxels: int = MAX_REGION_VOXELS,
+) -> tuple[int, ...]:
+    """The default box size for a dataset: about isotropic in millimetres.
+
+    The physical edge is ``fraction`` of the median image size (the median over axes of the per-axis median
+    physical extent), shrunk until the box holds at most ``max_voxels`` voxels (pixels in 2D), since what an
+    annotator labels in one go is a matter of voxels. Each axis gets ``edge / spacing`` voxels (the median
+    spacing of that axis), rounded (to an even number from 8 voxels up), at least 1 and at most the median
+    image extent. On Hippocampus (median 36 × 50 × 35 voxels of 1 mm) this gives 20³, nnActive's box there;
+    on a cardiac cine-MRI shape (10 × 256 × 216 voxels of 10 × 1 × 1 mm) 4 × 44 × 44, where nnActive used
+    4 × 40 × 40. Without ``spacings`` every axis counts as 1 mm.
     """
     arr = np.asarray([tuple(s) for s in shapes], dtype=float)
     if arr.size == 0:
         raise ValueError("cannot derive a region size from an empty dataset")
-    med = np.median(arr, axis=0)
-    edge = int(2 * round(float(np.median(med)) * fraction / 2))
-    edge = max(8, min(64, edge, int(med.min())))
-    return tuple(edge for _ in range(arr.shape[1]))
+    ndim = arr.shape[1]
+    sp = np.ones(ndim) if spacings is None else np.median(np.asarray([tuple(s) for s in spacings], float), axis=0)
+    if sp.shape != (ndim,) or np.any(sp <= 0):
+        raise ValueError(f"spacings must be positive, one per axis of the {ndim}-D images; median {sp.tolist()}")
+    extent = np.median(arr, axis=0)
+    limit = np.maximum(1, np.floor(extent)).astype(int)
+
+    def voxels(edge_mm: float) -> tuple[int, ...]:
+        out = []
+        for e, n in zip(edge_mm / sp, limit, strict=True):
+            v = 2 * round(e / 2) if e >= 8 else round(e)
+            out.append(int(min(n, max(1, v))))
+        return tuple(out)
+
+    edge = fraction * float(np.median(extent * sp))
+    lo, hi = 0.0, edge  # the largest edge whose box holds at most max_voxels voxels (monotone in the edge)
+    if np.prod(voxels(hi)) > max_voxels:
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if np.prod(voxels(mid)) <= max_voxels else (lo, mid)
+        edge = lo
+    return voxels(edge)
+
+
+def default_slice_axis(spacings: Iterable[Sequence[float]], anisotropy: float = 3.0) -> int:
+    """The axis 2D slices are cut along by default: on anisotropic data (the largest median spacing at least
+    ``anisotropy`` times the smallest, nnU-Net's threshold) the axis of lowest resolution, as annotators draw
+    them; otherwise axis 0."""
+    sp = np.median(np.asarray([tuple(s) for s in spacings], dtype=float), axis=0)
+    return int(np.argmax(sp)) if sp.max() >= anisotropy * sp.min() else 0
 
 
 def annotated_mask(shape: Sequence[int], boxes: Iterable[Box]) -> np.ndarray:

@@ -43,7 +43,7 @@ from alseg.backends.nnunet.profiles import get_profile
 from alseg.config import DEFAULT_SAMPLES, ConfigError, ExperimentConfig, Schedule, dump_config, load_config
 from alseg.data.dataset import Dataset, load_dataset, split_holdout, validate_dataset
 from alseg.data.labels import partial_label, write_label_nifti
-from alseg.data.regions import Region, annotated_mask, default_region_size, unit_box_size
+from alseg.data.regions import Region, annotated_mask, default_region_size, default_slice_axis, unit_box_size
 from alseg.evaluation.metrics import CostAccumulator, evaluate_case, json_safe, summarise_cases
 from alseg.loop.state import ExperimentState, experiment_lock
 from alseg.strategies.base import NotEnoughCandidatesError, PoolView, QueryContext, Strategy
@@ -82,10 +82,11 @@ class ExperimentError(RuntimeError):
 def resolve_config(cfg: ExperimentConfig, ds: Dataset) -> ExperimentConfig:
     """Fill the dataset-derived defaults so the stored config is explicit."""
     shapes = [ds.geometry(c).shape for c in ds.case_ids]
+    spacings = [ds.geometry(c).spacing for c in ds.case_ids]
     ndim = len(shapes[0])
     update: dict[str, Any] = {}
     if cfg.region_size is None:
-        update["region_size"] = list(default_region_size(shapes))
+        update["region_size"] = list(default_region_size(shapes, spacings))
     elif len(cfg.region_size) != ndim:
         raise ConfigError(
             f"invalid config: key 'region_size' has {len(cfg.region_size)} entries but the images of "
@@ -97,7 +98,9 @@ def resolve_config(cfg: ExperimentConfig, ds: Dataset) -> ExperimentConfig:
         update["stride"] = [1 if median_voxels <= 2_000_000 else 8] * ndim
     elif len(cfg.stride) != ndim:
         raise ConfigError(f"invalid config: key 'stride' has {len(cfg.stride)} entries, images have {ndim} axes")
-    if cfg.slice_axis >= ndim:
+    if cfg.slice_axis is None:
+        update["slice_axis"] = default_slice_axis(spacings)
+    elif cfg.slice_axis >= ndim:
         raise ConfigError(f"invalid config: key 'slice_axis' is {cfg.slice_axis}, images have {ndim} axes")
     if cfg.configuration is None:
         update["configuration"] = "3d_fullres" if ndim == 3 else "2d"
