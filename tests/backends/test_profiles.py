@@ -93,3 +93,70 @@ def test_optimizer_reaches_the_training_spec_in_every_round() -> None:
     for from_scratch in (True, False):
         assert CPU_SCHEDULE.to_spec(from_scratch)["optimizer"] == "adam"
     assert Schedule(epochs=3, iterations_per_epoch=5).to_spec(True)["optimizer"] == "sgd"
+
+
+def _nnunet_like_plans(spacing: list[float], median: list[int], patch: list[int]) -> dict:
+    """A 3d_fullres configuration whose topology comes from nnU-Net's own ``get_pool_and_conv_props``."""
+    from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
+
+    _, pool, conv, patch_size, _ = get_pool_and_conv_props(spacing, patch, 4, 999999)
+    n = len(pool)
+    kw = {
+        "n_stages": n,
+        "features_per_stage": [min(320, 32 * 2**i) for i in range(n)],
+        "kernel_sizes": [list(k) for k in conv],
+        "strides": [list(s) for s in pool],
+        "n_conv_per_stage": [2] * n,
+        "n_conv_per_stage_decoder": [2] * (n - 1),
+        "dropout_op": None,
+        "dropout_op_kwargs": None,
+    }
+    conf = {
+        "data_identifier": "nnUNetPlans_3d_fullres",
+        "batch_size": 2,
+        "patch_size": [int(p) for p in patch_size],
+        "spacing": spacing,
+        "median_image_size_in_voxels": median,
+        "architecture": {"network_class_name": "PlainConvUNet", "arch_kwargs": kw, "_kw_requires_import": []},
+    }
+    return {"configurations": {"3d_fullres": conf}}
+
+
+def test_cpu_profile_caps_the_patch_of_an_anisotropic_dataset() -> None:
+    """The cardiac shape: nnU-Net plans a 10 x 256 x 224 patch (6.4 times Hippocampus's voxels); the cpu profile
+    shrinks it to at most Hippocampus's 40 x 56 x 40 voxels, with a topology that fits the patch."""
+    import math
+
+    from alseg.backends.nnunet.profiles import CPU_MAX_PATCH_VOXELS_3D
+
+    plans = _nnunet_like_plans([10.0, 1.0, 1.0], [10, 256, 216], [10, 256, 224])
+    assert math.prod(plans["configurations"]["3d_fullres"]["patch_size"]) > 6 * CPU_MAX_PATCH_VOXELS_3D
+    name = derive_configuration(plans, "3d_fullres", get_profile("cpu"))
+    conf = plans["configurations"][name]
+    patch = conf["patch_size"]
+    kw = conf["architecture"]["arch_kwargs"]
+    assert math.prod(patch) <= CPU_MAX_PATCH_VOXELS_3D == 40 * 56 * 40
+    assert math.prod(patch) >= 0.5 * CPU_MAX_PATCH_VOXELS_3D  # not shrunk further than needed
+    total_stride = [math.prod(s[a] for s in kw["strides"]) for a in range(3)]
+    assert all(p % t == 0 for p, t in zip(patch, total_stride, strict=True))
+    assert len(kw["strides"]) == len(kw["kernel_sizes"]) == kw["n_stages"] == len(kw["features_per_stage"])
+    assert len(kw["n_conv_per_stage_decoder"]) == kw["n_stages"] - 1
+    assert kw["features_per_stage"][0] == 16  # still the cpu profile's half width
+    assert plans["configurations"]["3d_fullres"]["patch_size"] == [10, 256, 224]  # nnU-Net's own untouched
+    # the gpu profile keeps nnU-Net's plans whatever the patch
+    assert derive_configuration(plans, "3d_fullres", get_profile("gpu")) == "3d_fullres"
+
+
+def test_cpu_profile_keeps_hippocampus_patch() -> None:
+    plans = _nnunet_like_plans([1.0, 1.0, 1.0], [36, 50, 35], [40, 56, 40])
+    name = derive_configuration(plans, "3d_fullres", get_profile("cpu"))
+    assert "patch_size" not in plans["configurations"][name]  # inherited unchanged: 40 x 56 x 40
+    assert (
+        plans["configurations"][name]["architecture"]["arch_kwargs"]["strides"]
+        == (plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["strides"])
+    )
+
+
+def test_gpu_profile_follows_nnactive() -> None:
+    schedule = get_profile("gpu").schedule
+    assert (schedule.epochs, schedule.iterations_per_epoch, schedule.warm_start) == (200, 250, False)

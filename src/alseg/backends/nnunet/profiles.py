@@ -23,6 +23,7 @@ calibrated by ``benchmarks/cpu_profile.py``:
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -38,6 +39,7 @@ class Profile:
     feature_scale: float = 1.0  # multiplies features per stage
     max_features: int | None = None
     batch_size: dict[int, int] | None = None  # image dimensionality (2 or 3) -> batch size
+    max_patch_voxels: dict[int, int] | None = None  # image dimensionality -> voxels per training patch at most
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -45,7 +47,13 @@ class Profile:
         return "" if self.name == "gpu" else "_alseg_cpu"
 
 
-GPU_SCHEDULE = Schedule(epochs=1000, iterations_per_epoch=250, val_iterations_per_epoch=50, warm_start=False)
+#: nnActive's setting (its ``nnActiveTrainer_200epochs``): 200 epochs of 250 iterations, trained from scratch
+#: every round, on nnU-Net's own plans. nnU-Net's default of 1000 epochs per round is more than any
+#: active-learning study affords (5 rounds = 5 full nnU-Net trainings).
+GPU_SCHEDULE = Schedule(epochs=200, iterations_per_epoch=250, val_iterations_per_epoch=50, warm_start=False)
+#: the cpu profile's budget of voxels per 3D training patch: Hippocampus's planned 3d_fullres patch (40 × 56 × 40),
+#: so that an iteration costs about what it costs there whatever the dataset
+CPU_MAX_PATCH_VOXELS_3D = 40 * 56 * 40
 CPU_SCHEDULE = Schedule(
     epochs=8,
     iterations_per_epoch=50,
@@ -67,7 +75,13 @@ def get_profile(name: str, schedule: Schedule | None = None) -> Profile:
             schedule or CPU_SCHEDULE,
             feature_scale=0.5,
             batch_size={2: 32, 3: 2},
-            notes=("features per stage halved", "short schedule with warm start", "batch 2 (3D) / 32 (2D)"),
+            max_patch_voxels={3: CPU_MAX_PATCH_VOXELS_3D},
+            notes=(
+                "features per stage halved",
+                "short schedule with warm start",
+                "batch 2 (3D) / 32 (2D)",
+                f"3D patch of at most {CPU_MAX_PATCH_VOXELS_3D} voxels",
+            ),
         )
     raise ValueError(f"unknown profile {name!r}; expected one of 'gpu', 'cpu'")
 
@@ -86,8 +100,13 @@ def derive_configuration(plans: dict[str, Any], base: str, profile: Profile, dro
     if profile.name == "gpu" and dropout_p is None:
         return base
     name = base + profile.configuration_suffix + ("_dropout" if dropout_p is not None else "")
-    arch = copy.deepcopy(_resolved(plans, base)["architecture"])
+    resolved = _resolved(plans, base)
+    arch = copy.deepcopy(resolved["architecture"])
     kw = arch["arch_kwargs"]
+    config: dict[str, Any] = {"inherits_from": base, "architecture": arch}
+    budget = (profile.max_patch_voxels or {}).get(len(resolved["patch_size"]))
+    if budget is not None and math.prod(resolved["patch_size"]) > budget:
+        config["patch_size"] = _patch_within_budget(resolved, kw, budget)
     if profile.name != "gpu":
         feats = [max(4, round(f * profile.feature_scale)) for f in kw["features_per_stage"]]
         if profile.max_features is not None:
@@ -96,11 +115,47 @@ def derive_configuration(plans: dict[str, Any], base: str, profile: Profile, dro
     if dropout_p is not None:
         kw["dropout_op"] = "torch.nn.Dropout"
         kw["dropout_op_kwargs"] = {"p": float(dropout_p), "inplace": False}
-    config: dict[str, Any] = {"inherits_from": base, "architecture": arch}
     if profile.batch_size is not None:
-        config["batch_size"] = profile.batch_size[len(_resolved(plans, base)["patch_size"])]
+        config["batch_size"] = profile.batch_size[len(resolved["patch_size"])]
     plans["configurations"][name] = config
     return name
+
+
+def _patch_within_budget(resolved: dict[str, Any], kw: dict[str, Any], budget: int) -> list[int]:
+    """Shrink a configuration's patch to at most ``budget`` voxels the way nnU-Net's planner shrinks it for a
+    smaller GPU (``ExperimentPlanner.get_plans_for_configuration``): reduce the axis that is largest relative to
+    the median image shape, one step of its divisibility at a time, and let nnU-Net's ``get_pool_and_conv_props``
+    derive the network topology (stages, strides, kernels) for each patch. ``kw`` (the architecture's
+    ``arch_kwargs``) is updated in place; returns the patch size.
+    """
+    from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
+
+    spacing = resolved["spacing"]
+    median = resolved["median_image_size_in_voxels"]
+    min_edge = 4  # nnU-Net's UNet_featuremap_min_edge_length
+    _, pool, conv, patch, divisible = get_pool_and_conv_props(spacing, resolved["patch_size"], min_edge, 999999)
+    while math.prod(patch) > budget:
+        axis = int(max(range(len(patch)), key=lambda a: patch[a] / median[a]))
+        trial = list(patch)
+        trial[axis] -= divisible[axis]
+        _, _, _, _, divisible = get_pool_and_conv_props(spacing, trial, min_edge, 999999)
+        patch = list(patch)
+        patch[axis] -= divisible[axis]
+        if patch[axis] < 1:
+            raise ValueError(f"cannot fit a patch in {budget} voxels for spacing {spacing}")
+        _, pool, conv, patch, divisible = get_pool_and_conv_props(spacing, patch, min_edge, 999999)
+    n_stages = len(pool)
+    old = list(kw["features_per_stage"])
+    base_features, max_features = old[0], max(old)
+    kw.update(
+        n_stages=n_stages,
+        kernel_sizes=[list(k) for k in conv],
+        strides=[list(s) for s in pool],
+        features_per_stage=[min(max_features, base_features * 2**i) for i in range(n_stages)],
+        n_conv_per_stage=[kw["n_conv_per_stage"][0]] * n_stages,
+        n_conv_per_stage_decoder=[kw["n_conv_per_stage_decoder"][0]] * (n_stages - 1),
+    )
+    return [int(p) for p in patch]
 
 
 def _resolved(plans: dict[str, Any], name: str) -> dict[str, Any]:
