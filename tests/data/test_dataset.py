@@ -568,3 +568,29 @@ def test_full_shared_hippocampus() -> None:
     assert len(ds.case_ids) == 260
     assert ds.labels == {0: "background", 1: "Anterior", 2: "Posterior"}
     validate_dataset(ds)
+
+
+@pytest.mark.parametrize("bad", ["../../escape", "a/b", "..", "with space", "tab\\there", "ümlaut"])
+def test_case_ids_from_a_dataset_json_are_checked(tmp_path: Path, bad: str) -> None:
+    """An nnU-Net dataset.json may name its cases ('dataset' entries); an id that is not a safe file name is a
+    clear error naming it, before anything uses it in a path."""
+    root = make_nnunet(tmp_path)
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["dataset"] = {
+        bad: {"images": ["imagesTr/tiny_000_0000.nii.gz"], "label": "labelsTr/tiny_000.nii.gz"},
+        "tiny_001": {"images": ["imagesTr/tiny_001_0000.nii.gz"], "label": "labelsTr/tiny_001.nii.gz"},
+    }
+    (root / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match="letters, digits") as info:
+        load_dataset(root)
+    assert repr(bad) in str(info.value) and str(root.resolve()) in str(info.value)
+
+
+def test_ordinary_case_ids_are_accepted(tmp_path: Path) -> None:
+    root = make_nnunet(tmp_path)
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["dataset"] = {
+        "Case-01.v2_a": {"images": ["imagesTr/tiny_000_0000.nii.gz"], "label": "labelsTr/tiny_000.nii.gz"},
+    }
+    (root / "dataset.json").write_text(json.dumps(meta))
+    assert load_dataset(root).case_ids == ["Case-01.v2_a"]

@@ -49,6 +49,15 @@ _NIFTI_ENDINGS = (".nii.gz", ".nii")
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
+_CASE_ID = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def is_valid_case_id(case_id: str) -> bool:
+    """Letters, digits, '.', '_' and '-' only, and not only dots: safe as a file name in every folder alseg
+    writes (``../../escape`` or ``a/b`` from an nnU-Net ``dataset.json`` are not)."""
+    return bool(_CASE_ID.fullmatch(case_id)) and set(case_id) != {"."}
+
+
 class DatasetError(ValueError):
     """A problem with a dataset on disk.
 
@@ -309,6 +318,13 @@ class Dataset:
         self.layout: Layout = layout
         self.require_labels = require_labels
         self.num_training = num_training
+        bad = sorted(c for c in images if not is_valid_case_id(c))
+        if bad:
+            raise DatasetError(
+                f"{self.root}: case id(s) {', '.join(map(repr, bad[:10]))}{' ...' if len(bad) > 10 else ''} are not "
+                "valid; a case id is used in file names and may hold only letters, digits, '.', '_' and '-' "
+                "(not only dots)"
+            )
         self.case_ids: list[str] = sorted(images)
         self._images = {c: [Path(p) for p in images[c]] for c in self.case_ids}
         self._label_paths = {c: Path(p) for c, p in label_paths.items()}
