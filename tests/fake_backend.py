@@ -4,6 +4,9 @@ A plain module (not a conftest) so that a subprocess can import it: ``sys.path.i
 ``from fake_backend import make_fake_backend``.
 
 * ``prepare`` writes a marker file (``nnunet/fake_prepared.json``) recording the planning cases.
+* ``train`` reports progress (when given ``progress``) as a training under the config's schedule would: per model
+  (ensemble member) at iteration 0, after ``min(20, iterations per epoch)`` iterations and at every epoch end, with
+  ``seconds = iteration * seconds_per_iteration`` (a class attribute; no time passes) and ``setup_seconds``.
 * ``train`` records which cases and label files it got (with the label files' SHA-256) and the classes per case
   (``case_classes``) in ``out_dir/alseg_model.json``, written atomically: into ``out_dir.name + '.partial'`` and
   then renamed. With ``uncertainty: {source: ensemble, ensemble: folds}`` it also records the cross-validation
@@ -28,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from alseg.backends.base import TrainingCase, TrainResult
+from alseg.backends.base import ProgressCallback, TrainingCase, TrainingProgress, TrainResult
 from alseg.config import ExperimentConfig
 from alseg.data.dataset import Dataset
 from alseg.data.folds import cross_validation_folds, fold_generator, nnunet_splits
@@ -46,6 +49,9 @@ class FakeBackend:
     """Implements :class:`alseg.backends.base.SegmentationBackend` from the ground truth of the dataset."""
 
     name = "fake"
+    #: what the progress reports of ``train`` say one iteration and a model's start-up take (fake seconds)
+    seconds_per_iteration = 0.5
+    setup_seconds = 0.0
 
     def __init__(self, cfg: ExperimentConfig, ds: Dataset, exp_dir: Path) -> None:
         self.cfg = cfg
@@ -77,6 +83,7 @@ class FakeBackend:
         seed: int,
         init_from: Path | None = None,
         case_classes: Mapping[str, set[int]] | None = None,
+        progress: ProgressCallback | None = None,
     ) -> TrainResult:
         t0 = time.perf_counter()
         self.calls.append(("train", sorted(cases)))
@@ -109,6 +116,8 @@ class FakeBackend:
                 {"fold": k, "train_cases": split["train"], "val_cases": split["val"]}
                 for k, split in enumerate(nnunet_splits(folds))
             ]
+        if progress is not None:
+            self.report_progress(progress, from_scratch=init_from is None)
         partial = out_dir.with_name(out_dir.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
@@ -170,6 +179,37 @@ class FakeBackend:
         return embed
 
     # ------------------------------------------------------------------ helpers
+    def report_progress(self, progress: ProgressCallback, from_scratch: bool) -> None:
+        """The progress reports of a training under the config's schedule (no time passes)."""
+        sched = self.cfg.schedule
+        assert sched is not None, "the experiment's config is resolved: it has a schedule"
+        spec = sched.to_spec(from_scratch=from_scratch or not sched.warm_start)
+        epochs, per_epoch = int(spec["epochs"]), int(spec["iterations_per_epoch"])
+        u = self.cfg.uncertainty
+        members = int(u.n_samples or 1) if u.source == "ensemble" else 1
+        spi = self.seconds_per_iteration
+        for k in range(members):
+            common = {"iterations": epochs * per_epoch, "epochs": epochs, "member": k, "members": members}
+            common["setup_seconds"] = self.setup_seconds
+            progress(TrainingProgress(iteration=0, epoch=0, **common))
+            early = min(20, per_epoch)
+            progress(TrainingProgress(iteration=early, epoch=0, loss=1.0, seconds=early * spi, **common))
+            for e in range(1, epochs + 1):
+                it = e * per_epoch
+                loss, dice = 1.0 / (e + 1), e / (epochs + 1)
+                progress(
+                    TrainingProgress(
+                        iteration=it,
+                        epoch=e,
+                        loss=loss,
+                        pseudo_dice=dice,
+                        seconds=it * spi,
+                        epoch_end=True,
+                        epoch_seconds=per_epoch * spi,
+                        **common,
+                    )
+                )
+
     def probabilities(self, case_id: str, model_seed: int, n_samples: int = 1) -> np.ndarray:
         gt = self.ds.read_label(case_id)
         shape = self.ds.geometry(case_id).shape

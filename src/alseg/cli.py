@@ -98,8 +98,29 @@ def _print_status(exp_dir: Path, as_json: bool) -> None:
             f"{len(row['stages_done'])}/4",
         )
     Console().print(table)
+    if "in_progress" in data:
+        Console().print(running_line(data["in_progress"]), markup=False, highlight=False, soft_wrap=True)
     if "annotation" in data:
         _print_annotation(data["annotation"])
+
+
+def running_line(p: dict[str, Any]) -> str:
+    """``running: round 1, train (epoch 4/12), 43% done, about 3 min left`` from ``in_progress``."""
+    stage = str(p.get("stage", "?")) + (f" ({p['detail']})" if p.get("detail") else "")
+    parts = [f"running: round {p.get('round', '?')}", stage]
+    fraction = p.get("fraction")
+    if isinstance(fraction, int | float):
+        parts.append(f"{fraction * 100:.0f}% done")
+    eta = p.get("eta_seconds")
+    if isinstance(eta, int | float) and (isinstance(fraction, int | float) and fraction > 0):
+        if eta < 60:
+            parts.append("less than a minute left")
+        elif eta < 90 * 60:
+            parts.append(f"about {round(eta / 60)} min left")
+        else:
+            h, m = divmod(round(eta / 60), 60)
+            parts.append(f"about {h} h {m:02d} min left")
+    return ", ".join(parts)
 
 
 def _print_annotation(annotation: dict[str, Any]) -> None:

@@ -34,6 +34,41 @@ class TrainResult:
     details: dict
 
 
+@dataclass(frozen=True)
+class TrainingProgress:
+    """Where a training stands, reported to the loop while it runs (plain values, any backend).
+
+    ``iteration`` of ``iterations``: training iterations (batches) done by this member and its total; ``epoch``
+    of ``epochs``: epochs completed. ``loss``: the mean training loss of the current epoch so far (of the
+    epoch just completed when ``epoch_end``); ``pseudo_dice``: the mean foreground pseudo-Dice of the last
+    completed epoch (None before the first). ``seconds``: seconds since this member's first iteration began,
+    so ``seconds / iteration`` is the time per iteration; ``setup_seconds``: what came before it (starting,
+    preprocessing), when known. ``member`` (0-based) of ``members``: which model of an ensemble trains.
+    ``epoch_end``: this report closes epoch ``epoch``; ``epoch_seconds`` is then that epoch's duration.
+    """
+
+    iteration: int
+    iterations: int
+    epoch: int
+    epochs: int
+    loss: float | None = None
+    pseudo_dice: float | None = None
+    seconds: float = 0.0
+    member: int = 0
+    members: int = 1
+    epoch_end: bool = False
+    epoch_seconds: float | None = None
+    setup_seconds: float | None = None
+
+    @property
+    def seconds_per_iteration(self) -> float | None:
+        return self.seconds / self.iteration if self.iteration > 0 else None
+
+
+#: ``train(..., progress=...)``: called with each report while a model trains
+ProgressCallback = Callable[[TrainingProgress], None]
+
+
 class SegmentationBackend(Protocol):
     """A segmentation framework seen by the active-learning loop."""
 
@@ -50,6 +85,7 @@ class SegmentationBackend(Protocol):
         seed: int,
         init_from: Path | None = None,
         case_classes: Mapping[str, set[int]] | None = None,
+        progress: ProgressCallback | None = None,
     ) -> TrainResult:
         """Train one model on ``cases`` and leave it, complete, in ``out_dir`` (written atomically).
 
@@ -58,7 +94,9 @@ class SegmentationBackend(Protocol):
         start from. ``case_classes``: per case of ``cases``, the foreground classes in its annotated voxels; a
         backend that splits the cases into cross-validation folds (an nnActive ensemble) uses it to put every
         class into at least two folds, any other backend may ignore it. The loop passes it only for
-        ``uncertainty.ensemble: folds``."""
+        ``uncertainty.ensemble: folds``. ``progress``: called with a :class:`TrainingProgress` now and then while
+        training runs (at least at every epoch end) and never after ``train`` returns; the loop passes it only
+        to a backend whose ``train`` has this argument."""
         ...
 
     def predict(

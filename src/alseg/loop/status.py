@@ -1,20 +1,97 @@
-"""What an experiment has done so far, read from its database only (works while it runs)."""
+"""What an experiment has done so far, read from its database (works while it runs), and what it does now."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
+import os
 from pathlib import Path
 from typing import Any
 
 from alseg.config import load_config
-from alseg.loop.runner import CONFIG_FILE, DB_FILE, ExperimentError
+from alseg.loop.runner import CONFIG_FILE, DB_FILE, PROGRESS_FILE, ExperimentError
 from alseg.loop.state import ExperimentState
+
+LOCK_FILE = ".lock"  # as ``experiment_lock`` names it
+
+
+def lock_holder(exp_dir: Path) -> int | None:
+    """The process holding the experiment lock (``experiment_lock``): its pid (0 when unknown), or None if free.
+
+    On Linux the lock is looked up in ``/proc/locks`` (a flock on the lock file's inode), which takes no lock
+    itself; elsewhere it is probed with a shared lock, taken and released at once.
+    """
+    path = Path(exp_dir) / LOCK_FILE
+    try:
+        st = path.stat()
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    recorded = int(text) if text.isdigit() else 0
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return recorded if _probe_locked(path) else None
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+    for line in lines:
+        # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:2146500 0 EOF" (a process waiting for a lock: "1: -> FLOCK ...")
+        f = line.split()
+        if len(f) < 6 or f[1] != "FLOCK" or f[3] != "WRITE":
+            continue
+        where = f[5].rsplit(":", 1)
+        if len(where) != 2 or not where[1].isdigit() or int(where[1]) != st.st_ino:
+            continue
+        pid = int(f[4]) if f[4].isdigit() else 0
+        if where[0] == dev or (recorded and pid == recorded):
+            return pid or recorded
+    return None
+
+
+def _probe_locked(path: Path) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def stage_in_progress(exp_dir: Path) -> dict[str, Any] | None:
+    """The stage a running experiment is in (its ``progress.json``), or None when it is not running.
+
+    Shown only while the experiment lock is held by the process that wrote the file: a ``progress.json`` left
+    by a killed run is not running, nor is one read before a new run has replaced it.
+    """
+    path = Path(exp_dir) / PROGRESS_FILE
+    if not path.exists():
+        return None
+    holder = lock_holder(exp_dir)
+    if holder is None:
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    pid = data.get("pid")
+    if holder and isinstance(pid, int) and pid != holder:
+        return None
+    return data
 
 
 def experiment_status(exp_dir: Path) -> dict[str, Any]:
     """Per round: regions, annotation cost, Dice (foreground mean and per class), stages done.
 
     With the human oracle also ``annotation``: the round waiting for labels and every region's state
-    (done and by which file, waiting, or closed unlabelled).
+    (done and by which file, waiting, or closed unlabelled). While the experiment runs also ``in_progress``:
+    ``{round, stage, detail, started_at, fraction, eta_seconds, updated_at, pid}`` of the stage running now.
     """
     exp_dir = Path(exp_dir)
     if not (exp_dir / CONFIG_FILE).exists() or not (exp_dir / DB_FILE).exists():
@@ -32,6 +109,7 @@ def experiment_status(exp_dir: Path) -> dict[str, Any]:
             annotation = {"waiting_round": waiting_round(state), "regions": annotation_rows(state)}
     finally:
         state.close()
+    in_progress = stage_in_progress(exp_dir)
     rounds_seen = sorted({s["round"] for s in stages} | set(metrics))
     rows = []
     for r in rounds_seen:
@@ -65,4 +143,5 @@ def experiment_status(exp_dir: Path) -> dict[str, Any]:
         "complete": bool(rows) and len(rows) == cfg.rounds and "evaluate" in rows[-1]["stages_done"],
         "rounds": rows,
         **({"annotation": annotation} if annotation is not None else {}),
+        **({"in_progress": in_progress} if in_progress is not None else {}),
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -9,14 +10,18 @@ from alseg.backends.nnunet.backend import NnUNetBackend
 from alseg.backends.nnunet.profiles import get_profile
 
 if TYPE_CHECKING:
+    from alseg.backends.base import ProgressCallback
     from alseg.config import ExperimentConfig
     from alseg.data.dataset import Dataset
 
 __all__ = ["NnUNetBackend", "make_backend"]
 
 
-def make_backend(cfg: ExperimentConfig, ds: Dataset, workspace: Path) -> NnUNetBackend:
-    """The nnU-Net backend for an experiment's config."""
+def make_backend(
+    cfg: ExperimentConfig, ds: Dataset, workspace: Path, progress: ProgressCallback | None = None
+) -> NnUNetBackend:
+    """The nnU-Net backend for an experiment's config; its messages go to the ``alseg`` log (the experiment's
+    ``alseg.log``), ``progress`` gets the training reports of every ``train`` not given its own callback."""
     profile = get_profile(cfg.profile if cfg.profile != "auto" else "cpu", cfg.schedule)
 
     def read_image(case_id: str) -> tuple:
@@ -37,4 +42,6 @@ def make_backend(cfg: ExperimentConfig, ds: Dataset, workspace: Path) -> NnUNetB
         tta_flip_axes=cfg.uncertainty.tta_flip_axes,
         tta_max_angle=cfg.uncertainty.tta_max_angle,
         tta_noise_std=cfg.uncertainty.tta_noise_std,
+        log=logging.getLogger("alseg").info,
+        progress=progress,
     )

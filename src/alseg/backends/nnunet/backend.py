@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -31,7 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from alseg.backends.base import TrainingCase, TrainResult
+from alseg.backends.base import ProgressCallback, TrainingCase, TrainingProgress, TrainResult
 from alseg.backends.nnunet.profiles import Profile, derive_configuration, get_profile
 from alseg.strategies.base import CasePrediction
 from alseg.uncertainty.tta import sample_tta
@@ -46,6 +47,94 @@ UncertaintySource = Literal["softmax", "mc_dropout", "tta", "ensemble"]
 
 class BackendError(RuntimeError):
     """nnU-Net failed; the message names the log file with its output."""
+
+
+#: how often ``_run_worker`` reads a training child's progress file (the child writes it every ~2 s)
+PROGRESS_POLL_SECONDS = 1.0
+
+
+class TrainingProgressReader:
+    """Turns a training worker's progress file into :class:`TrainingProgress` reports, each one once.
+
+    The worker (``_TrainingProgressFile`` in ``worker.py``) rewrites the file atomically; each :meth:`poll`
+    returns what is new since the last one: one ``epoch_end`` report per epoch completed since (from the file's
+    ``epochs_done``, so no epoch is missed however seldom it is polled), then the current state if it moved on.
+    A missing, unreadable or unchanged file gives nothing. ``launched_at`` (Unix time the child was started)
+    gives ``setup_seconds``: the time until its first iteration.
+    """
+
+    def __init__(self, path: Path, launched_at: float | None = None) -> None:
+        self.path = Path(path)
+        self.launched_at = launched_at
+        self.epochs_reported = 0
+        self._last: tuple | None = None
+
+    def poll(self) -> list[TrainingProgress]:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return []
+        if not isinstance(data, dict):
+            return []
+        try:
+            return self._reports(data)
+        except (KeyError, TypeError, ValueError):  # not a progress file of this version: nothing to show
+            return []
+
+    def _reports(self, data: dict[str, Any]) -> list[TrainingProgress]:
+        key = (data.get("updated_at"), data.get("phase"), data["iteration"], data["epoch"])
+        if key == self._last:
+            return []
+        self._last = key
+        epochs, iterations = int(data["epochs"]), int(data["iterations"])
+        per_epoch = iterations // max(epochs, 1)
+        started = data.get("started_at")
+        setup = None
+        if started is not None and self.launched_at is not None:
+            setup = max(0.0, float(started) - self.launched_at)
+        common = {
+            "iterations": iterations,
+            "epochs": epochs,
+            "member": int(data.get("member", 0)),
+            "members": int(data.get("members", 1)),
+            "setup_seconds": setup,
+        }
+        out: list[TrainingProgress] = []
+        for done in data.get("epochs_done") or []:
+            n = int(done["epoch"])
+            if n <= self.epochs_reported:
+                continue
+            self.epochs_reported = n
+            out.append(
+                TrainingProgress(
+                    iteration=min(n * per_epoch, iterations),
+                    epoch=n,
+                    loss=_number(done.get("loss")),
+                    pseudo_dice=_number(done.get("pseudo_dice")),
+                    seconds=float(done.get("elapsed") or 0.0),
+                    epoch_end=True,
+                    epoch_seconds=_number(done.get("seconds")),
+                    **common,
+                )
+            )
+        current = TrainingProgress(
+            iteration=int(data["iteration"]),
+            epoch=int(data["epoch"]),
+            loss=_number(data.get("loss")),
+            pseudo_dice=_number(data.get("pseudo_dice")),
+            seconds=float(data.get("seconds") or 0.0),
+            **common,
+        )
+        if not out or (current.iteration, current.epoch) != (out[-1].iteration, out[-1].epoch):
+            out.append(current)
+        return out
+
+
+def _number(value: Any) -> float | None:
+    if value is None:
+        return None
+    v = float(value)
+    return v if v == v else None
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
@@ -84,6 +173,7 @@ class NnUNetBackend:
         tta_max_angle: float = 10.0,
         tta_noise_std: float = 0.01,
         ensemble: Literal["seeds", "folds"] = "seeds",
+        progress: ProgressCallback | None = None,
     ) -> None:
         if uncertainty not in ("softmax", "mc_dropout", "tta", "ensemble"):
             raise ValueError(f"unknown uncertainty source {uncertainty!r}; expected softmax, mc_dropout, tta, ensemble")
@@ -108,6 +198,7 @@ class NnUNetBackend:
         self.device = device
         self.num_threads = num_threads or os.cpu_count() or 1
         self.log = log or (lambda msg: None)
+        self.progress = progress  # training progress reports, unless ``train`` is given its own callback
 
     # ------------------------------------------------------------------ paths
     @property
@@ -143,9 +234,28 @@ class NnUNetBackend:
         env.pop("nnUNet_compile", None)
         return env
 
-    def _run_worker(self, command: str, spec: dict[str, Any], work: Path, training: bool) -> None:
+    def _run_worker(
+        self,
+        command: str,
+        spec: dict[str, Any],
+        work: Path,
+        training: bool,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        """Run the worker's ``command`` in a child process and wait for it.
+
+        With ``progress``, the child is given a progress file next to its log (``{command}_progress.json``,
+        spec key ``progress_file``), which is polled about once a second while it runs; every new report goes
+        to ``progress`` (see :class:`TrainingProgressReader`). An exception here (the callback's, or an
+        interrupt) kills the child before it propagates.
+        """
         work.mkdir(parents=True, exist_ok=True)
         work = work.resolve()  # the worker runs with cwd=work: every path it gets is absolute
+        reader = None
+        if progress is not None:
+            progress_file = work / f"{command}_progress.json"
+            progress_file.unlink(missing_ok=True)
+            spec = {**spec, "progress_file": str(progress_file)}
         spec_file = work / f"{command}_spec.json"
         spec_file.write_text(json.dumps(spec, indent=2))
         log_file = work / f"{command}.log"
@@ -153,15 +263,31 @@ class NnUNetBackend:
         for key in ("raw", "preprocessed", "results"):
             (work / key).mkdir(exist_ok=True)
         with open(log_file, "w") as log:
-            proc = subprocess.run(
+            proc = subprocess.Popen(
                 [sys.executable, "-m", "alseg.backends.nnunet.worker", command, str(spec_file)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
                 cwd=work,
                 preexec_fn=_die_with_parent,
-                check=False,
             )
+            try:
+                if progress is not None:
+                    reader = TrainingProgressReader(progress_file, launched_at=time.time())
+                while True:
+                    try:
+                        proc.wait(timeout=None if reader is None else PROGRESS_POLL_SECONDS)
+                        break
+                    except subprocess.TimeoutExpired:
+                        for report in reader.poll() if reader is not None else ():
+                            progress(report)  # type: ignore[misc]
+                if reader is not None and proc.returncode == 0:
+                    for report in reader.poll():  # the last epochs, if they ended after the last poll
+                        progress(report)  # type: ignore[misc]
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
         if proc.returncode != 0:
             tail = log_file.read_text()[-3000:]
             raise BackendError(f"nnU-Net {command} failed (exit {proc.returncode}); see {log_file}:\n{tail}")
@@ -228,6 +354,7 @@ class NnUNetBackend:
         seed: int,
         init_from: Path | None = None,
         case_classes: Mapping[str, set[int]] | None = None,
+        progress: ProgressCallback | None = None,
     ) -> TrainResult:
         """Train one model (or ``n_models`` ensemble members) on ``cases``.
 
@@ -241,7 +368,11 @@ class NnUNetBackend:
         the summary records it (``validation_folds``) with each member's training and validation cases.
         Without ``case_classes`` the folds are drawn without the class rule. Warm start: member k starts from
         ``fold_k`` of ``init_from``.
+
+        ``progress`` (else the one the backend was made with): called with a :class:`TrainingProgress` about
+        once a second and at every epoch end while a member trains (the worker counts nnU-Net's iterations).
         """
+        progress = progress if progress is not None else self.progress
         out_dir = Path(out_dir)
         if (out_dir / MODEL_COMPLETE).exists():
             report = json.loads((out_dir / MODEL_COMPLETE).read_text())
@@ -299,7 +430,9 @@ class NnUNetBackend:
                 "fold": k if splits is not None else "all",
                 "splits": splits,
             }
-            self._run_worker("train", spec, member, training=True)
+            if progress is not None:
+                spec.update(member=k, members=self.n_models)
+            self._run_worker("train", spec, member, training=True, progress=progress)
             report = json.loads((member / "report.json").read_text())
             if splits is not None and report.get("train_cases") != splits[k]["train"]:
                 raise BackendError(
@@ -419,20 +552,22 @@ class NnUNetBackend:
     def _load_predictor(self, model_dir: Path) -> Any:
         if not (model_dir / MODEL_COMPLETE).exists():
             raise BackendError(f"{model_dir} is not a complete alseg nnU-Net model (no {MODEL_COMPLETE})")
-        with contextlib.redirect_stdout(io.StringIO()):
+        device = resolve_device(self.device)
+        # nnU-Net prints notes and its imports raise torch's FutureWarnings: they would break the progress bars
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
             import torch
             from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-        device = resolve_device(self.device)
-        predictor = nnUNetPredictor(
-            tile_step_size=0.5,
-            use_gaussian=True,
-            use_mirroring=False,
-            perform_everything_on_device=device != "cpu",
-            device=torch.device(device),
-            verbose=False,
-            allow_tqdm=False,
-        )
-        with contextlib.redirect_stdout(io.StringIO()):
+
+            predictor = nnUNetPredictor(
+                tile_step_size=0.5,
+                use_gaussian=True,
+                use_mirroring=False,
+                perform_everything_on_device=device != "cpu",
+                device=torch.device(device),
+                verbose=False,
+                allow_tqdm=False,
+            )
             predictor.initialize_from_trained_model_folder(
                 str(model_dir), use_folds=tuple(self._fold_names()), checkpoint_name="checkpoint_final.pth"
             )

@@ -99,6 +99,133 @@ def _fold(spec: dict[str, Any]) -> int | str:
     return fold
 
 
+class _TrainingProgressFile:
+    """Writes where training stands to a small JSON file (atomically), for the parent to poll.
+
+    Written at the start, after an iteration when ``interval`` seconds have passed since the last write (and after
+    the first iteration), at every epoch end and when training ends. The fields are those of
+    :class:`alseg.backends.base.TrainingProgress`, plus ``phase`` (``starting``, ``training``, ``done``),
+    ``started_at`` / ``updated_at`` (Unix time of the first iteration / of this write) and ``epochs_done``: the
+    last epochs completed (``epoch`` 1-based, ``loss``, ``pseudo_dice``, ``seconds`` the epoch took, ``elapsed``
+    since the first iteration), so a parent that polls less often than epochs end still sees each of them.
+    """
+
+    KEEP_EPOCHS = 100
+
+    def __init__(self, path: Path, epochs: int, iterations_per_epoch: int, member: int, members: int) -> None:
+        self.path = path
+        self.epochs = int(epochs)
+        self.iterations_per_epoch = int(iterations_per_epoch)
+        self.member, self.members = int(member), int(members)
+        self.iteration = 0
+        self.epoch = 0
+        self.epoch_losses: list[float] = []
+        self.loss: float | None = None
+        self.pseudo_dice: float | None = None
+        self.epochs_done: list[dict[str, Any]] = []
+        self.t_first: float | None = None
+        self.started_at: float | None = None
+        self.last_write = 0.0
+        self.interval = 2.0
+
+    def write(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.last_write = now
+        _write_json(
+            self.path,
+            {
+                "phase": phase,
+                "member": self.member,
+                "members": self.members,
+                "epoch": self.epoch,
+                "epochs": self.epochs,
+                "iteration": self.iteration,
+                "iterations": self.epochs * self.iterations_per_epoch,
+                "loss": self.loss,
+                "pseudo_dice": self.pseudo_dice,
+                "seconds": 0.0 if self.t_first is None else now - self.t_first,
+                "started_at": self.started_at,
+                "updated_at": time.time(),
+                "epochs_done": self.epochs_done[-self.KEEP_EPOCHS :],
+            },
+        )
+
+    def before_step(self) -> None:
+        if self.t_first is None:
+            self.t_first, self.started_at = time.perf_counter(), time.time()
+
+    def after_step(self, loss: Any) -> None:
+        self.iteration += 1
+        try:
+            self.epoch_losses.append(float(loss))
+            self.loss = sum(self.epoch_losses) / len(self.epoch_losses)
+        except (TypeError, ValueError):
+            pass
+        if self.iteration == 1 or time.perf_counter() - self.last_write >= self.interval:
+            self.write("training")
+
+    def epoch_end(self, trainer: Any) -> None:
+        """After nnU-Net's ``on_epoch_end``: the epoch's train loss, pseudo-Dice and duration from its logger."""
+        self.epoch += 1
+        self.iteration = self.epoch * self.iterations_per_epoch
+        logged = _logged_values(trainer)
+        loss = _last(logged.get("train_losses"))
+        self.loss = loss if loss is not None else self.loss
+        self.pseudo_dice = _last(logged.get("mean_fg_dice"))
+        start, end = _last(logged.get("epoch_start_timestamps")), _last(logged.get("epoch_end_timestamps"))
+        seconds = end - start if start is not None and end is not None else None
+        elapsed = 0.0 if self.t_first is None else time.perf_counter() - self.t_first
+        self.epochs_done.append(
+            {
+                "epoch": self.epoch,
+                "loss": self.loss,
+                "pseudo_dice": self.pseudo_dice,
+                "seconds": seconds,
+                "elapsed": elapsed,
+            }
+        )
+        self.epoch_losses = []
+        self.write("training")
+
+    def watch(self, trainer: Any) -> None:
+        """Count ``trainer``'s iterations and epochs; what it trains and how is unchanged.
+
+        nnU-Net's ``run_training`` calls ``self.train_step(batch)`` and ``self.on_epoch_end()``; instance attributes
+        that call the class's methods and then record come first in that lookup.
+        """
+        train_step, on_epoch_end = trainer.train_step, trainer.on_epoch_end
+
+        def counted_train_step(batch: Any) -> Any:
+            self.before_step()
+            out = train_step(batch)
+            self.after_step(out.get("loss") if isinstance(out, dict) else None)
+            return out
+
+        def recorded_on_epoch_end() -> None:
+            on_epoch_end()
+            self.epoch_end(trainer)
+
+        trainer.train_step = counted_train_step
+        trainer.on_epoch_end = recorded_on_epoch_end
+
+
+def _logged_values(trainer: Any) -> dict[str, list]:
+    """nnU-Net's per-epoch log (``my_fantastic_logging``), of its MetaLogger's local logger or of the logger itself."""
+    logger = getattr(trainer, "logger", None)
+    store = getattr(getattr(logger, "local_logger", logger), "my_fantastic_logging", None)
+    return store if isinstance(store, dict) else {}
+
+
+def _last(values: Any) -> float | None:
+    if not values:
+        return None
+    try:
+        v = float(values[-1])
+    except (TypeError, ValueError):
+        return None
+    return v if v == v else None  # NaN (no foreground in the validation batch): unknown
+
+
 def train(spec: dict[str, Any]) -> None:
     """Preprocess the annotated cases with the frozen plans and train one model.
 
@@ -111,6 +238,17 @@ def train(spec: dict[str, Any]) -> None:
 
     torch.set_num_threads(int(spec.get("num_threads", os.cpu_count() or 1)))
     _seed_everything(int(spec["seed"]))
+    schedule = spec["schedule"]
+    progress = None
+    if spec.get("progress_file"):
+        progress = _TrainingProgressFile(
+            Path(spec["progress_file"]),
+            int(schedule["epochs"]),
+            int(schedule["iterations_per_epoch"]),
+            int(spec.get("member", 0)),
+            int(spec.get("members", 1)),
+        )
+        progress.write("starting")
 
     from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -139,7 +277,6 @@ def train(spec: dict[str, Any]) -> None:
 
     device = torch.device(spec.get("device", "cpu"))
     plans["continue_training"] = False  # nnU-Net 2.8 passes this flag through the plans dict
-    schedule = spec["schedule"]
     trainer_class = _trainer_class(schedule.get("optimizer", "sgd"))
     trainer = trainer_class(
         plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json, device=device
@@ -162,9 +299,13 @@ def train(spec: dict[str, Any]) -> None:
         # meant for fine-tuning to another task), which re-initialised them at every warm-started round
         checkpoint = torch.load(init, map_location="cpu", weights_only=False)
         trainer.network.load_state_dict(checkpoint["network_weights"])
+    if progress is not None:
+        progress.watch(trainer)
     t1 = time.perf_counter()
     trainer.run_training()
     t_train = time.perf_counter() - t1
+    if progress is not None:
+        progress.write("done")
     train_keys, val_keys = trainer.do_split()  # what nnU-Net trained on (reads the split file it used)
     _write_json(
         Path(spec["report_file"]),
