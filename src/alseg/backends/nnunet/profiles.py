@@ -1,6 +1,7 @@
 """Training profiles for the nnU-Net backend: which configuration, network and schedule a round uses.
 
-``gpu`` keeps nnU-Net's own plans and schedule (1000 epochs of 250 iterations, from scratch each round).
+``gpu`` keeps nnU-Net's own plans and trains as nnActive does (200 epochs of 250 iterations, from scratch each
+round; nnU-Net's own 1000 epochs per round are more than an active-learning study affords).
 ``cpu`` makes a round converge in minutes on 2 cores; each change from nnU-Net's defaults is stated here and
 calibrated by ``benchmarks/cpu_profile.py``:
 
@@ -17,7 +18,12 @@ calibrated by ``benchmarks/cpu_profile.py``:
 - a fixed batch size (2 for 3D, 32 for 2D): nnU-Net caps the batch at 5% of the planned dataset's voxels, so
   its batch depends on how many cases the planning saw (2 for a 20-box starting budget of Hippocampus, 7 for
   the full pool); fixed, the active-learning runs and their full-data reference train the same network with
-  the same batch, and a reference round costs what a round costs.
+  the same batch, and a reference round costs what a round costs;
+- a 3D training patch of at most Hippocampus's 40 × 56 × 40 voxels (``CPU_MAX_PATCH_VOXELS_3D``), shrunk the
+  way nnU-Net's planner shrinks it for a smaller GPU, so that an iteration costs about the same on any
+  dataset: on a cardiac cine-MRI shape nnU-Net plans 10 × 256 × 224 (6.4 times the voxels; 6.4 s per
+  iteration on 2 cores), the profile trains 5 × 128 × 128. 2D patches are kept (their cost grows with the
+  image's area).
 """
 
 from __future__ import annotations
