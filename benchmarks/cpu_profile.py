@@ -50,7 +50,7 @@ def seconds_per_iteration(exp: Path) -> list[float]:
 
 def round_minutes(exp: Path) -> list[float]:
     """Wall minutes of each round (every stage), from the experiment's database."""
-    from alseg.loop.state import ExperimentState
+    from alseg.store.state import ExperimentState
 
     state = ExperimentState(exp / "alseg.sqlite")
     try:
@@ -73,8 +73,8 @@ def training_patch(exp: Path) -> list[int]:
 
 def hippocampus(args: argparse.Namespace) -> dict[str, Any]:
     from alseg.config import load_config
-    from alseg.loop.runner import run_experiment
-    from alseg.loop.state import ExperimentState
+    from alseg.loop.drivers import run_experiment
+    from alseg.store.state import ExperimentState
 
     per_seed: dict[int, dict[int, float]] = {}
     train_minutes: list[float] = []
@@ -125,8 +125,8 @@ def hippocampus(args: argparse.Namespace) -> dict[str, Any]:
 def anisotropic(args: argparse.Namespace) -> dict[str, Any]:
     from alseg.config import ExperimentConfig, load_config
     from alseg.data.synthetic import write_cardiac_like
-    from alseg.loop.runner import run_experiment
-    from alseg.loop.state import ExperimentState
+    from alseg.loop.drivers import run_experiment
+    from alseg.store.state import ExperimentState
 
     data = args.work / "cardiac_data"
     if not (data / "dataset.json").exists():

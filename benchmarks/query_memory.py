@@ -66,7 +66,7 @@ def main() -> None:
         child(Path(args.child[0]), args.child[1], int(args.child[2]))
         return
     from alseg.config import ExperimentConfig
-    from alseg.loop.runner import run_experiment
+    from alseg.loop.drivers import run_experiment
 
     if not (args.exp / "rounds" / "000" / "model").exists():
         if args.dataset is None:

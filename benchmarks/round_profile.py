@@ -42,7 +42,8 @@ def peak_mb() -> float:
 def main() -> None:
     from alseg.config import load_config
     from alseg.demo import demo_config
-    from alseg.loop.runner import Experiment, run_experiment
+    from alseg.loop.drivers import run_experiment
+    from alseg.loop.runner import Experiment
     from alseg.scoring.boxes import top_k
     from alseg.strategies.base import QueryContext
     from alseg.strategies.uncertainty import score_pool

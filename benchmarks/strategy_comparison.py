@@ -46,8 +46,8 @@ def _timed_run(run: Callable[[Any, Path], object], cfg: Any, exp: Path, minutes:
 
 def main() -> None:
     from alseg.config import ExperimentConfig
+    from alseg.loop.drivers import run_experiment
     from alseg.loop.full_data import run_full_data
-    from alseg.loop.runner import run_experiment
     from alseg.report.html import build_report
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])

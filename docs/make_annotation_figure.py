@@ -26,7 +26,7 @@ from matplotlib.colors import ListedColormap
 
 from alseg.config import ExperimentConfig
 from alseg.data.dataset import demo_dataset_path
-from alseg.loop.runner import run_experiment
+from alseg.loop.drivers import run_experiment
 
 
 def make_dataset(dst: Path, n_cases: int) -> Path:

@@ -18,7 +18,7 @@ import yaml
 from typer.testing import CliRunner
 
 from alseg.cli import app
-from alseg.loop.runner import run_experiment
+from alseg.loop.drivers import run_experiment
 from alseg.strategies.registry import STRATEGIES
 from conftest import SYN_SHAPE, SYN_SPACING, RecordingFactory, make_config, synthetic_label, write_config, write_volume
 
@@ -328,7 +328,7 @@ def test_run_refused_while_another_process_holds_the_experiment(
         [
             sys.executable,
             "-c",
-            "import sys, time\nfrom pathlib import Path\nfrom alseg.loop.state import experiment_lock\n"
+            "import sys, time\nfrom pathlib import Path\nfrom alseg.store.state import experiment_lock\n"
             "with experiment_lock(Path(sys.argv[1])):\n    print('locked', flush=True)\n    time.sleep(60)\n",
             str(fake_experiment),
         ],

@@ -24,7 +24,7 @@ import yaml
 
 from alseg.config import Schedule, load_config
 from alseg.data.dataset import demo_dataset_path
-from alseg.loop.runner import recover_schedule
+from alseg.loop.create import recover_schedule
 
 pytestmark = pytest.mark.nnunet
 
@@ -174,7 +174,7 @@ def test_sigkill_anywhere_then_resume_gives_the_same_regions(reference_run: Path
 
 
 def test_second_process_is_refused(reference_run: Path, tmp_path: Path) -> None:
-    from alseg.loop.state import experiment_lock
+    from alseg.store.state import experiment_lock
 
     cfg = write_config(tmp_path / "cfg.yaml")
     with experiment_lock(reference_run):

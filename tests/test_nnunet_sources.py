@@ -15,8 +15,9 @@ import pytest
 
 from alseg.config import ExperimentConfig
 from alseg.data.dataset import demo_dataset_path
-from alseg.loop.runner import DB_FILE, run_experiment
-from alseg.loop.state import ExperimentState
+from alseg.loop.drivers import run_experiment
+from alseg.store.layout import DB_FILE
+from alseg.store.state import ExperimentState
 from alseg.strategies.registry import STRATEGIES, get_strategy
 from conftest import copy_demo_cases
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from alseg.cli import app
 from alseg.config import load_config
-from alseg.loop.runner import create_experiment
+from alseg.loop.create import create_experiment
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "papers"
 PAPER_SETTINGS = {

@@ -30,8 +30,8 @@ def _guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
     from alseg.backends.nnunet.backend import BackendError
     from alseg.config import ConfigError
     from alseg.data.dataset import DatasetError
-    from alseg.loop.runner import ExperimentError
-    from alseg.loop.state import ExperimentLockedError
+    from alseg.errors import ExperimentError
+    from alseg.store.state import ExperimentLockedError
 
     try:
         return fn(*args, **kwargs)
@@ -56,8 +56,8 @@ def run(
 ) -> None:
     """Run or resume an experiment to its last round."""
     from alseg.config import load_config
+    from alseg.loop.drivers import run_experiment
     from alseg.loop.full_data import run_full_data
-    from alseg.loop.runner import run_experiment
 
     cfg = _guarded(load_config, config)
     _guarded(run_full_data if full_data else run_experiment, cfg, out)
@@ -148,7 +148,7 @@ def _print_annotation(annotation: dict[str, Any]) -> None:
 def _print_waiting(exp_dir: Path) -> None:
     """Annotation mode: say which round waits for labels and what to do next."""
     from alseg.config import load_config
-    from alseg.oracle.files import pending_annotation
+    from alseg.oracle.human import pending_annotation
 
     cfg = _guarded(load_config, exp_dir / "config.yaml")
     if cfg.oracle != "human":
@@ -171,7 +171,7 @@ def query(
     ] = False,
 ) -> None:
     """Annotation mode: train on what is labelled, query the next round and export its work package."""
-    from alseg.loop.runner import advance_experiment
+    from alseg.loop.drivers import advance_experiment
 
     _guarded(advance_experiment, exp_dir, allow_open)
     _print_status(exp_dir, as_json=False)
@@ -190,7 +190,7 @@ def import_(
     ] = False,
 ) -> None:
     """Annotation mode: check and import the annotators' label files of the waiting round."""
-    from alseg.oracle.files import import_labels
+    from alseg.oracle.importer import import_labels
 
     report = _guarded(import_labels, exp_dir, labels_dir, strict=strict, replace=replace)
     for line in report.warnings:
@@ -220,7 +220,7 @@ def demo(
 ) -> None:
     """Run a small real experiment on the bundled Hippocampus subset (CPU, a few minutes)."""
     from alseg.demo import demo_config
-    from alseg.loop.runner import run_experiment
+    from alseg.loop.drivers import run_experiment
 
     cfg = _guarded(demo_config, strategy=strategy, rounds=rounds, seed=seed)
     _guarded(run_experiment, cfg, out)

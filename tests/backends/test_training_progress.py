@@ -249,13 +249,13 @@ def _cmdline(pid: str) -> str:
 
 # --------------------------------------------------------------------------- the bar
 class _Exp:
-    """What ``_TrainingDisplay`` calls on its experiment."""
+    """What ``_TrainingDisplay`` calls on its run."""
 
     def __init__(self) -> None:
         self.updates: list[tuple[float, float | None, str | None]] = []
         self.estimates: list[tuple[int, TrainingProgress]] = []
 
-    def progress_update(self, fraction: float, eta: float | None, detail: str | None, force: bool = False) -> None:
+    def update(self, fraction: float, eta: float | None, detail: str | None, force: bool = False) -> None:
         self.updates.append((fraction, eta, detail))
 
     def announce_training_estimate(self, r: int, p: TrainingProgress) -> None:
@@ -263,7 +263,7 @@ class _Exp:
 
 
 def test_bar_follows_the_reports(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from alseg.loop.runner import _TrainingDisplay
+    from alseg.loop.progress import _TrainingDisplay
 
     path = tmp_path / "p.json"
     writer = _TrainingProgressFile(path, epochs=2, iterations_per_epoch=15, member=0, members=2)

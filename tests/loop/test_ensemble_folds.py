@@ -13,8 +13,9 @@ import pytest
 
 from alseg.data.dataset import load_dataset
 from alseg.data.regions import Box
-from alseg.loop.runner import DB_FILE, KILL_ENV, run_experiment
-from alseg.loop.state import ExperimentState
+from alseg.loop.drivers import run_experiment
+from alseg.store.layout import DB_FILE, KILL_ENV
+from alseg.store.state import ExperimentState
 from conftest import RecordingFactory, make_config
 from fake_backend import read_model
 

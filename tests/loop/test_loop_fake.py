@@ -23,15 +23,12 @@ import SimpleITK as sitk
 from alseg.config import load_config
 from alseg.data.dataset import load_dataset, split_holdout
 from alseg.data.regions import Box, annotated_mask
-from alseg.loop.runner import (
-    DB_FILE,
-    KILL_ENV,
-    ExperimentError,
-    open_or_create,
-    run_experiment,
-)
-from alseg.loop.state import ExperimentLockedError, ExperimentState
+from alseg.errors import ExperimentError
+from alseg.loop.create import open_or_create
+from alseg.loop.drivers import run_experiment
 from alseg.loop.status import experiment_status
+from alseg.store.layout import DB_FILE, KILL_ENV
+from alseg.store.state import ExperimentLockedError, ExperimentState
 from conftest import TESTS_DIR, RecordingFactory, make_config, write_config
 from fake_backend import PREPARED_FILE, read_model
 
@@ -192,7 +189,7 @@ _KILLED_RUN = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     from fake_backend import make_fake_backend
     from alseg.config import load_config
-    from alseg.loop.runner import run_experiment
+    from alseg.loop.drivers import run_experiment
     run_experiment(load_config(Path(sys.argv[2])), Path(sys.argv[3]), backend_factory=make_fake_backend)
     print("finished without being killed")
     """
@@ -302,7 +299,7 @@ def test_a_second_process_on_the_same_experiment_is_refused(finished: dict[str, 
         [
             sys.executable,
             "-c",
-            "import sys, time\nfrom pathlib import Path\nfrom alseg.loop.state import experiment_lock\n"
+            "import sys, time\nfrom pathlib import Path\nfrom alseg.store.state import experiment_lock\n"
             "with experiment_lock(Path(sys.argv[1])):\n    print('locked', flush=True)\n    time.sleep(60)\n",
             str(exp),
         ],

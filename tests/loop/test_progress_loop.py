@@ -17,9 +17,11 @@ from typer.testing import CliRunner
 
 from alseg.backends.base import TrainingProgress
 from alseg.cli import app, running_line
-from alseg.loop.runner import LOG_FILE, PROGRESS_FILE, format_minutes, run_experiment, training_iterations
-from alseg.loop.state import experiment_lock
+from alseg.loop.drivers import run_experiment
+from alseg.loop.progress import format_minutes, training_iterations
 from alseg.loop.status import experiment_status, lock_holder
+from alseg.store.layout import LOG_FILE, PROGRESS_FILE
+from alseg.store.state import experiment_lock
 from conftest import make_config
 from fake_backend import FakeBackend
 
@@ -155,7 +157,7 @@ def test_status_sees_a_run_in_another_process(finished_exp: Path) -> None:
             textwrap.dedent(
                 f"""
                 import sys
-                from alseg.loop.state import experiment_lock
+                from alseg.store.state import experiment_lock
                 with experiment_lock({str(exp)!r}):
                     print("locked", flush=True)
                     sys.stdin.readline()

@@ -11,8 +11,11 @@ import yaml
 
 from alseg.backends.nnunet import profiles
 from alseg.config import DEFAULT_SAMPLES, ConfigError, Schedule, load_config
-from alseg.loop.runner import CONFIG_FILE, Experiment, create_experiment, recover_schedule, run_experiment
+from alseg.loop.create import create_experiment, recover_schedule
+from alseg.loop.drivers import run_experiment
+from alseg.loop.runner import Experiment
 from alseg.loop.status import experiment_status
+from alseg.store.layout import CONFIG_FILE
 from conftest import RecordingFactory, make_config
 
 
@@ -80,7 +83,7 @@ def test_an_old_experiment_resumes_with_the_schedule_its_models_were_trained_wit
         warm_start_lr=0.003,
         optimizer="sgd",
     )
-    from alseg.loop.runner import open_or_create
+    from alseg.loop.create import open_or_create
 
     cfg = open_or_create(make_config(synthetic_dataset), exp)
     assert cfg.schedule == recovered

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from alseg.data.regions import Box
-from alseg.loop.runner import DB_FILE, run_experiment
-from alseg.loop.state import ExperimentState
+from alseg.loop.drivers import run_experiment
+from alseg.store.layout import DB_FILE
+from alseg.store.state import ExperimentState
 from alseg.strategies.registry import STRATEGIES
 from conftest import SYN_SHAPE, RecordingFactory, make_config
 

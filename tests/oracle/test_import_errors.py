@@ -21,12 +21,14 @@ import SimpleITK as sitk
 from annotator import annotate
 from typer.testing import CliRunner
 
-import alseg.oracle.files as files_mod
+import alseg.oracle.importer as files_mod
 from alseg.cli import app
 from alseg.config import load_config
 from alseg.data.dataset import load_dataset
-from alseg.loop.runner import DB_FILE, KILL_ENV, ExperimentError, run_experiment
-from alseg.oracle.files import AnnotationImportError, import_labels
+from alseg.errors import ExperimentError
+from alseg.loop.drivers import run_experiment
+from alseg.oracle.importer import AnnotationImportError, import_labels
+from alseg.store.layout import DB_FILE, KILL_ENV
 from conftest import RecordingFactory, make_config
 
 ROUND = 0

@@ -22,8 +22,9 @@ import yaml
 from annotator import annotate
 
 from alseg.config import load_config
-from alseg.loop.runner import DB_FILE, KILL_ENV, advance_experiment, run_experiment
-from alseg.oracle.files import import_labels
+from alseg.loop.drivers import advance_experiment, run_experiment
+from alseg.oracle.importer import import_labels
+from alseg.store.layout import DB_FILE, KILL_ENV
 from conftest import TESTS_DIR, write_config
 from fake_backend import make_fake_backend
 
@@ -63,8 +64,9 @@ _SCRIPT = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     from fake_backend import make_fake_backend
     from alseg.config import load_config
-    from alseg.loop.runner import advance_experiment, run_experiment
-    from alseg.oracle.files import import_labels
+    from alseg.loop.drivers import advance_experiment
+    from alseg.loop.drivers import run_experiment
+    from alseg.oracle.importer import import_labels
     command, exp, arg = sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
     if command == "run":
         run_experiment(load_config(arg), exp, backend_factory=make_fake_backend)

@@ -25,10 +25,13 @@ from alseg.cli import app
 from alseg.config import ConfigError, load_config
 from alseg.data.dataset import load_dataset
 from alseg.data.regions import Box, annotated_mask
-from alseg.loop.runner import DB_FILE, KILL_ENV, ExperimentError, advance_experiment, run_experiment
-from alseg.loop.state import ExperimentLockedError, ExperimentState
+from alseg.errors import ExperimentError
+from alseg.loop.drivers import advance_experiment, run_experiment
 from alseg.loop.status import experiment_status
-from alseg.oracle.files import AnnotationImportError, import_labels, index_to_world
+from alseg.oracle.importer import AnnotationImportError, import_labels
+from alseg.oracle.package import index_to_world
+from alseg.store.layout import DB_FILE, KILL_ENV
+from alseg.store.state import ExperimentLockedError, ExperimentState
 from conftest import RecordingFactory, make_config, write_config
 from fake_backend import make_fake_backend, read_model
 
@@ -304,7 +307,7 @@ def test_a_second_process_is_refused(waiting_exp: Path, tmp_path: Path) -> None:
         [
             sys.executable,
             "-c",
-            "import sys, time\nfrom pathlib import Path\nfrom alseg.loop.state import experiment_lock\n"
+            "import sys, time\nfrom pathlib import Path\nfrom alseg.store.state import experiment_lock\n"
             "with experiment_lock(Path(sys.argv[1])):\n    print('locked', flush=True)\n    time.sleep(60)\n",
             str(waiting_exp),
         ],

@@ -20,8 +20,8 @@ import SimpleITK as sitk
 
 from alseg.config import ExperimentConfig
 from alseg.data.dataset import Dataset
+from alseg.loop.drivers import run_experiment
 from alseg.loop.full_data import run_full_data
-from alseg.loop.runner import run_experiment
 from alseg.strategies.base import CasePrediction
 from conftest import make_config
 from fake_backend import MODEL_FILE, FakeBackend
@@ -117,7 +117,7 @@ def copy_without_metrics(exp_dir: Path, dest: Path) -> Path:
     import shutil
     import sqlite3
 
-    from alseg.loop.runner import DB_FILE
+    from alseg.store.layout import DB_FILE
 
     shutil.copytree(exp_dir, dest)
     conn = sqlite3.connect(dest / DB_FILE)

@@ -9,9 +9,10 @@ import SimpleITK as sitk
 
 from alseg.config import load_config
 from alseg.data.dataset import load_dataset, split_holdout
+from alseg.loop.drivers import run_experiment
 from alseg.loop.full_data import FULL_DATA_META, is_full_data, run_full_data
-from alseg.loop.runner import CONFIG_FILE, DB_FILE, run_experiment
-from alseg.loop.state import ExperimentState
+from alseg.store.layout import CONFIG_FILE, DB_FILE
+from alseg.store.state import ExperimentState
 from conftest import RecordingFactory, make_config
 from fake_backend import read_model
 

@@ -20,15 +20,27 @@ from __future__ import annotations
 import json
 import math
 import re
-import zlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import SimpleITK as sitk
+
+from alseg.data.images import (
+    MAX_PROBLEMS_SHOWN,
+    NIFTI_ENDINGS,
+    DatasetError,
+    Geometry,
+    check_integrity,
+    count_nonfinite,
+    label_array,
+    open_error,
+    open_reader,
+    read_geometry,
+    read_sitk,
+)
 
 __all__ = [
     "Dataset",
@@ -44,8 +56,6 @@ __all__ = [
 
 Layout = Literal["nnunetv2", "msd"]
 
-MAX_PROBLEMS_SHOWN = 20
-_NIFTI_ENDINGS = (".nii.gz", ".nii")
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
@@ -56,234 +66,6 @@ def is_valid_case_id(case_id: str) -> bool:
     """Letters, digits, '.', '_' and '-' only, and not only dots: safe as a file name in every folder alseg
     writes (``../../escape`` or ``a/b`` from an nnU-Net ``dataset.json`` are not)."""
     return bool(_CASE_ID.fullmatch(case_id)) and set(case_id) != {"."}
-
-
-class DatasetError(ValueError):
-    """A problem with a dataset on disk.
-
-    The message names the file, the offending value and what was expected. When raised by
-    :func:`validate_dataset`, ``problems`` holds every problem found (the message shows at most
-    :data:`MAX_PROBLEMS_SHOWN` of them).
-    """
-
-    def __init__(self, message: str, problems: Sequence[str] | None = None) -> None:
-        super().__init__(message)
-        self.problems: list[str] = list(problems) if problems is not None else [message]
-
-
-# --------------------------------------------------------------------------------------------------
-# Geometry
-# --------------------------------------------------------------------------------------------------
-
-
-def _fmt(values: Sequence[float]) -> str:
-    return "(" + ", ".join(f"{v + 0.0:.6g}" for v in values) + ")"
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Voxel grid of an image, read from its header.
-
-    ``shape`` and ``spacing`` are in numpy array order (``z, y, x`` for 3D, as
-    ``SimpleITK.GetArrayFromImage`` returns), spacing in mm. ``origin`` (mm) and ``direction`` are in
-    SimpleITK order: ``origin`` is the physical (LPS) position of voxel 0 as ``(x, y, z)``;
-    ``direction`` is the flattened row-major ``ndim x ndim`` matrix whose column ``j`` is the
-    physical direction of SimpleITK index axis ``j`` (``x, y, z``), exactly as ``Image.GetDirection``.
-    """
-
-    shape: tuple[int, ...]
-    spacing: tuple[float, ...]
-    origin: tuple[float, ...]
-    direction: tuple[float, ...]
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @classmethod
-    def from_sitk(cls, obj: sitk.Image | sitk.ImageFileReader) -> Geometry:
-        """Geometry of a SimpleITK image, or of a reader after ``ReadImageInformation``."""
-        size = obj.GetSize()
-        return cls(
-            shape=tuple(int(s) for s in reversed(size)),
-            spacing=tuple(float(s) for s in reversed(obj.GetSpacing())),
-            origin=tuple(float(o) for o in obj.GetOrigin()),
-            direction=tuple(float(d) for d in obj.GetDirection()),
-        )
-
-    def copy_to(self, image: sitk.Image) -> sitk.Image:
-        """Set spacing, origin and direction of ``image`` (whose array shape must be ``shape``)."""
-        size = tuple(reversed(self.shape))
-        if tuple(image.GetSize()) != size:
-            raise ValueError(f"image size {image.GetSize()} (x, y, z) does not match geometry {size}")
-        image.SetSpacing(tuple(reversed(self.spacing)))
-        image.SetOrigin(self.origin)
-        image.SetDirection(self.direction)
-        return image
-
-    def differences(self, other: Geometry, tol: float = 1e-4) -> list[str]:
-        """Human-readable differences to ``other`` (empty when the geometries match)."""
-        out: list[str] = []
-        if self.shape != other.shape:
-            out.append(f"shape {self.shape} vs {other.shape}")
-            if len(self.shape) != len(other.shape):
-                return out
-        for name in ("spacing", "origin", "direction"):
-            a = np.asarray(getattr(self, name), dtype=float)
-            b = np.asarray(getattr(other, name), dtype=float)
-            if a.shape != b.shape or not np.allclose(a, b, rtol=tol, atol=tol):
-                out.append(f"{name} {_fmt(a)} vs {_fmt(b)}")
-        return out
-
-    def difference(self, other: Geometry, tol: float = 1e-4) -> str:
-        """One-line description of the differences to ``other``; ``""`` when they match."""
-        return "; ".join(self.differences(other, tol))
-
-    def matches(self, other: Geometry, tol: float = 1e-4) -> bool:
-        """Same shape, and spacing/origin/direction equal within ``tol`` (absolute and relative)."""
-        return not self.differences(other, tol)
-
-
-def _is_nifti(path: Path) -> bool:
-    return path.name.lower().endswith(_NIFTI_ENDINGS)
-
-
-def _reader(path: Path) -> sitk.ImageFileReader:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    if _is_nifti(path):
-        # Otherwise SimpleITK picks the reader by content: a PNG renamed .nii.gz would be "valid".
-        reader.SetImageIO("NiftiImageIO")
-    return reader
-
-
-def _kind(path: Path) -> str:
-    return "NIfTI file" if _is_nifti(path) else "image file"
-
-
-def _open_error(path: Path, exc: Exception) -> DatasetError:
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    detail = lines[-1] if lines else type(exc).__name__
-    return DatasetError(f"{path}: cannot be read as a {_kind(path)} ({detail}); expected a valid image")
-
-
-def read_geometry(path: str | Path) -> Geometry:
-    """Geometry of an image file from its header only (no voxel data is read)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"{path}: file does not exist; expected an image file")
-    reader = _reader(path)
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as exc:
-        raise _open_error(path, exc) from exc
-    return Geometry.from_sitk(reader)
-
-
-def _read_sitk(path: Path) -> sitk.Image:
-    if not path.is_file():
-        raise DatasetError(f"{path}: file does not exist; expected an image file")
-    try:
-        return _reader(path).Execute()
-    except RuntimeError as exc:
-        raise _open_error(path, exc) from exc
-
-
-def _check_integrity(path: Path) -> None:
-    """Detect truncated or corrupt files that SimpleITK would read silently.
-
-    SimpleITK reads a truncated ``.nii.gz`` without complaint (the missing voxels are garbage), so
-    gzip streams are decompressed in full (CRC and end-of-stream checked) and, for NIfTI, the amount
-    of data is compared with what the header promises.
-    """
-    n_bytes: int | None = None
-    if path.name.lower().endswith(".gz"):
-        dec = zlib.decompressobj(wbits=31)  # gzip container
-        n_bytes = 0
-        try:
-            with path.open("rb") as fh:
-                while chunk := fh.read(1 << 20):
-                    n_bytes += len(dec.decompress(chunk))
-                    while dec.eof and dec.unused_data:  # concatenated gzip members
-                        rest = dec.unused_data
-                        dec = zlib.decompressobj(wbits=31)
-                        n_bytes += len(dec.decompress(rest))
-            n_bytes += len(dec.flush())
-        except zlib.error as exc:
-            raise DatasetError(
-                f"{path}: corrupt gzip data ({exc}); expected a valid gzip-compressed {_kind(path)}"
-            ) from exc
-        if not dec.eof:
-            raise DatasetError(
-                f"{path}: gzip stream is truncated after {n_bytes} uncompressed bytes; "
-                f"expected a complete gzip-compressed {_kind(path)}"
-            )
-    if _is_nifti(path):
-        import nibabel as nib
-
-        try:
-            img = nib.load(str(path))
-            hdr = img.header
-            expected = int(img.dataobj.offset) + int(np.prod(hdr.get_data_shape())) * int(hdr.get_data_dtype().itemsize)
-        except Exception as exc:  # nibabel raises many kinds; any failure here means "unreadable"
-            raise _open_error(path, exc) from exc
-        if n_bytes is None:
-            n_bytes = path.stat().st_size
-        if n_bytes < expected:
-            raise DatasetError(
-                f"{path}: truncated NIfTI data: {n_bytes} bytes; expected at least {expected} bytes "
-                "(header offset + voxels x bytes per voxel)"
-            )
-
-
-def count_nonfinite(path: str | Path) -> int:
-    """Number of NaN/inf voxels of an image file (0 for integer data).
-
-    NIfTI files are read with nibabel: SimpleITK (ITK 5.4) reads NaN and inf voxels of NIfTI files as 0.
-    """
-    path = Path(path)
-    if _is_nifti(path):
-        import nibabel as nib
-
-        try:
-            img = nib.load(str(path))
-            if img.get_data_dtype().kind != "f":
-                return 0
-            data = np.asarray(img.dataobj.get_unscaled())
-        except Exception as exc:  # nibabel raises many kinds; any failure here means "unreadable"
-            raise _open_error(path, exc) from exc
-    else:
-        data = sitk.GetArrayViewFromImage(_read_sitk(path))
-        if data.dtype.kind != "f":
-            return 0
-    return int(data.size - np.count_nonzero(np.isfinite(data)))
-
-
-def _label_array(path: Path, image: sitk.Image) -> np.ndarray:
-    """Convert a label image to an integer array (uint8 when values fit, else int16)."""
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise DatasetError(
-            f"{path}: label has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
-            "expected a scalar label image"
-        )
-    arr = sitk.GetArrayFromImage(image)
-    if arr.dtype.kind == "f":
-        if not np.all(np.isfinite(arr)):
-            raise DatasetError(f"{path}: label contains NaN/inf values; expected integer label values")
-        rounded = np.round(arr)
-        bad = arr != rounded
-        if np.any(bad):
-            examples = sorted({float(v) for v in np.unique(arr[bad])[:5]})
-            raise DatasetError(f"{path}: label has non-integer values {examples}; expected integer label values")
-        arr = rounded
-    elif arr.dtype.kind not in "iub":
-        raise DatasetError(f"{path}: label has pixel type {arr.dtype}; expected an integer label image")
-    lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
-    if lo >= 0 and hi <= np.iinfo(np.uint8).max:
-        return np.asarray(arr, dtype=np.uint8)
-    if lo >= np.iinfo(np.int16).min and hi <= np.iinfo(np.int16).max:
-        return np.asarray(arr, dtype=np.int16)
-    raise DatasetError(f"{path}: label values range [{lo}, {hi}]; expected values that fit in int16")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -374,7 +156,7 @@ class Dataset:
         arrays: list[np.ndarray] = []
         files = self.image_files(case_id)
         for path in files:
-            img = _read_sitk(path)
+            img = read_sitk(path)
             if img.GetNumberOfComponentsPerPixel() != 1:
                 raise DatasetError(
                     f"{path}: image has {img.GetNumberOfComponentsPerPixel()} components per voxel; "
@@ -391,7 +173,7 @@ class Dataset:
         path = self.expected_label_file(case_id)
         if not path.is_file():
             raise DatasetError(f"{path}: label file of case {case_id!r} does not exist; expected a label")
-        return _label_array(path, _read_sitk(path))
+        return label_array(path, read_sitk(path))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -569,7 +351,7 @@ def _load_nnunet(root: Path, meta: dict[str, Any], json_path: Path, require_labe
 
 
 def _file_ending(name: str) -> str:
-    for ending in _NIFTI_ENDINGS:
+    for ending in NIFTI_ENDINGS:
         if name.lower().endswith(ending):
             return name[-len(ending) :]
     suffix = Path(name).suffix
@@ -640,7 +422,7 @@ def _load_msd(root: Path, meta: dict[str, Any], json_path: Path, require_labels:
     if not images and not require_labels and (root / "imagesTr").is_dir():
         # Annotation mode without a training list: take the cases from the images.
         for path in sorted((root / "imagesTr").iterdir()):
-            if path.is_file() and not path.name.startswith(".") and path.name.lower().endswith(_NIFTI_ENDINGS):
+            if path.is_file() and not path.name.startswith(".") and path.name.lower().endswith(NIFTI_ENDINGS):
                 ending = _file_ending(path.name)
                 endings.add(ending)
                 case_id = path.name[: -len(ending)]
@@ -695,11 +477,11 @@ def _validate_case(
         if not path.is_file():
             problems.append(f"{path}: image file of case {case_id!r} (channel {channel}) does not exist")
             continue
-        reader = _reader(path)
+        reader = open_reader(path)
         try:
             reader.ReadImageInformation()
         except RuntimeError as exc:
-            problems.append(str(_open_error(path, exc)))
+            problems.append(str(open_error(path, exc)))
             continue
         geom = Geometry.from_sitk(reader)
         if geom.ndim == 4 and ds.layout == "msd":
@@ -725,7 +507,7 @@ def _validate_case(
             continue
         if check_image_data:
             try:
-                _check_integrity(path)
+                check_integrity(path)
                 reader.Execute()
                 n_bad = count_nonfinite(path)
                 if n_bad:
@@ -735,7 +517,7 @@ def _validate_case(
                 problems.append(str(exc))
                 continue
             except RuntimeError as exc:
-                problems.append(str(_open_error(path, exc)))
+                problems.append(str(open_error(path, exc)))
                 continue
         geoms.append((path, geom))
         if channel == 0:
@@ -746,11 +528,11 @@ def _validate_case(
         if ds.require_labels:
             problems.append(f"{label_path}: label file of case {case_id!r} does not exist; expected a label")
         return problems
-    reader = _reader(label_path)
+    reader = open_reader(label_path)
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
-        problems.append(str(_open_error(label_path, exc)))
+        problems.append(str(open_error(label_path, exc)))
         return problems
     lgeom = Geometry.from_sitk(reader)
     if geoms and not lgeom.matches(geoms[0][1], tol):
@@ -762,14 +544,14 @@ def _validate_case(
     if not check_label_values:
         return problems
     try:
-        _check_integrity(label_path)
+        check_integrity(label_path)
         try:
             image = reader.Execute()
         except RuntimeError as exc:
-            raise _open_error(label_path, exc) from exc
+            raise open_error(label_path, exc) from exc
         if count_nonfinite(label_path):
             raise DatasetError(f"{label_path}: label contains NaN/inf values; expected integer label values")
-        arr = _label_array(label_path, image)
+        arr = label_array(label_path, image)
     except DatasetError as exc:
         problems.append(str(exc))
         return problems

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
-from pathlib import Path
-
 import numpy as np
-import SimpleITK as sitk
 
-from alseg.data.dataset import Geometry
+from alseg.data.images import sha256_file, write_label_nifti
+
+__all__ = ["partial_label", "sha256_file", "write_label_nifti"]
 
 
 def partial_label(labels: np.ndarray, annotated: np.ndarray, ignore_value: int) -> np.ndarray:
@@ -20,29 +17,3 @@ def partial_label(labels: np.ndarray, annotated: np.ndarray, ignore_value: int) 
     out = np.full(labels.shape, ignore_value, dtype=dtype)
     out[annotated] = labels[annotated]
     return out
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_label_nifti(path: Path, array: np.ndarray, geometry: Geometry) -> str:
-    """Write ``array`` as a NIfTI label in ``geometry``, atomically (temp file, fsync, rename).
-
-    Returns the file's SHA-256.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if tuple(array.shape) != tuple(geometry.shape):
-        raise ValueError(f"label array shape {array.shape} does not match the image shape {geometry.shape}")
-    image = geometry.copy_to(sitk.GetImageFromArray(array))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.nii.gz")
-    sitk.WriteImage(image, str(tmp), useCompression=True)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return sha256_file(path)

@@ -26,17 +26,11 @@ from alseg.backends.nnunet.profiles import get_profile
 from alseg.config import ConfigError, ExperimentConfig, Schedule
 from alseg.data.dataset import load_dataset, split_holdout
 from alseg.data.regions import Box, Region
-from alseg.loop.runner import (
-    DB_FILE,
-    BackendFactory,
-    Experiment,
-    default_backend,
-    log,
-    open_or_create,
-    resolve_config,
-    run_logged,
-)
-from alseg.loop.state import ExperimentState, experiment_lock
+from alseg.loop.create import open_or_create, resolve_config
+from alseg.loop.drivers import run_logged
+from alseg.loop.runner import BackendFactory, Experiment, default_backend
+from alseg.store.layout import DB_FILE, log
+from alseg.store.state import ExperimentState, experiment_lock
 
 __all__ = ["FULL_DATA_META", "FULL_DATA_STRATEGY", "full_data_config", "is_full_data", "run_full_data"]
 

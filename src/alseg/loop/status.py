@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from alseg.config import load_config
-from alseg.loop.runner import CONFIG_FILE, DB_FILE, PROGRESS_FILE, ExperimentError
-from alseg.loop.state import ExperimentState
+from alseg.errors import ExperimentError
+from alseg.store.layout import CONFIG_FILE, DB_FILE, PROGRESS_FILE
+from alseg.store.state import ExperimentState
 
 LOCK_FILE = ".lock"  # as ``experiment_lock`` names it
 
@@ -104,7 +105,7 @@ def experiment_status(exp_dir: Path) -> dict[str, Any]:
         regions = state.regions()
         annotation = None
         if cfg.oracle == "human":
-            from alseg.oracle.files import annotation_rows, waiting_round
+            from alseg.oracle.human import annotation_rows, waiting_round
 
             annotation = {"waiting_round": waiting_round(state), "regions": annotation_rows(state)}
     finally:

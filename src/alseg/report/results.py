@@ -28,7 +28,7 @@ import pandas as pd
 
 from alseg.config import ExperimentConfig, load_config
 from alseg.loop.full_data import FULL_DATA_META
-from alseg.loop.runner import CONFIG_FILE, DB_FILE
+from alseg.store.layout import CONFIG_FILE, DB_FILE
 
 __all__ = [
     "ExperimentRecord",

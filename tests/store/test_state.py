@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from alseg.data.regions import Box, Region
-from alseg.loop.state import ExperimentLockedError, ExperimentState, experiment_lock
+from alseg.store.state import ExperimentLockedError, ExperimentState, experiment_lock
 
 
 def _region(case: str, start: tuple[int, ...], size: tuple[int, ...] = (4, 4, 4)) -> Region:
@@ -136,7 +136,7 @@ _HOLDER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from alseg.loop.state import experiment_lock
+    from alseg.store.state import experiment_lock
     with experiment_lock(Path(sys.argv[1])):
         print("locked", flush=True)
         time.sleep(60)
@@ -147,7 +147,7 @@ _TRY = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from alseg.loop.state import ExperimentLockedError, experiment_lock
+    from alseg.store.state import ExperimentLockedError, experiment_lock
     try:
         with experiment_lock(Path(sys.argv[1])):
             print("acquired")

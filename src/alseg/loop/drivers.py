@@ -1,0 +1,75 @@
+"""The commands' drivers: ``alseg run`` (create or resume, run to the last round) and ``alseg query`` (continue
+an experiment that people annotate, up to the next round's work package)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alseg.config import ExperimentConfig
+from alseg.errors import ExperimentError
+from alseg.loop.create import open_or_create
+from alseg.loop.runner import BackendFactory, Experiment, default_backend
+from alseg.oracle import ORACLES, Waiting
+from alseg.store.layout import log, setup_logging
+from alseg.store.state import experiment_lock
+
+
+def advance_experiment(
+    exp_dir: Path, allow_open: bool = False, backend_factory: BackendFactory = default_backend
+) -> Waiting | None:
+    """``alseg query``: continue a human-oracle experiment up to the next round's exported work package.
+
+    Trains on what is annotated, evaluates, queries the next round and exports its work package. Refuses
+    (changing nothing) while regions of the waiting round are open, unless ``allow_open``. Returns the round
+    now waiting for labels, or None when the experiment is complete.
+    """
+    exp_dir = Path(exp_dir)
+    cfg = open_or_create(None, exp_dir)
+    if ORACLES[cfg.oracle].has_ground_truth:
+        raise ExperimentError(
+            f"{exp_dir} annotates from ground truth (oracle: {cfg.oracle}); use `alseg run` to continue"
+        )
+    with experiment_lock(exp_dir):
+        handler = setup_logging(exp_dir)
+        try:
+            exp = Experiment(exp_dir, cfg, backend_factory)
+            try:
+                waiting = exp.run(allow_open=allow_open)
+            finally:
+                exp.state.close()
+        finally:
+            log.removeHandler(handler)
+            handler.close()
+    if waiting is not None and not waiting.exported_now:
+        shown = ", ".join(f"{rid} ({cid})" for rid, cid in waiting.open_regions[:20])
+        more = len(waiting.open_regions) - min(20, len(waiting.open_regions))
+        raise ExperimentError(
+            f"round {waiting.round_index}: {len(waiting.open_regions)} of {waiting.n_regions} regions are still "
+            f"open: {shown}{f' and {more} more' if more else ''}; import their labels with "
+            f"`alseg import {exp_dir} LABELS_DIR`, or pass --allow-open to train on the labelled ones "
+            "(the open regions are then closed unlabelled)"
+        )
+    return waiting
+
+
+def run_experiment(
+    cfg: ExperimentConfig | None, exp_dir: Path, backend_factory: BackendFactory = default_backend
+) -> Path:
+    """Create or resume the experiment in ``exp_dir`` and run it to its last round."""
+    exp_dir = Path(exp_dir)
+    cfg = open_or_create(cfg, exp_dir)
+    with experiment_lock(exp_dir):
+        run_logged(Experiment, exp_dir, cfg, backend_factory)
+    return exp_dir
+
+
+def run_logged(kind: type[Experiment], exp_dir: Path, cfg: ExperimentConfig, backend_factory: BackendFactory) -> None:
+    """Run an experiment of class ``kind`` to its end with the log file attached (the caller holds the lock)."""
+    handler = setup_logging(exp_dir)
+    try:
+        exp = kind(exp_dir, cfg, backend_factory)
+        exp.run()
+        exp.state.close()
+    finally:
+        log.removeHandler(handler)
+        handler.close()

@@ -1,0 +1,149 @@
+"""The human oracle: people label the regions of a round from its work package; ``alseg import`` records them.
+
+An experiment with ``oracle: human`` stops after each query. Its work package is written to
+``rounds/NNN/to_annotate/`` (:mod:`alseg.oracle.package`); annotators return one label file per case, which
+``alseg import`` checks and records (:mod:`alseg.oracle.importer`). A region is *done* when a label file of
+its case has been imported; regions of cases without a file stay *open*. The annotate stage of a round
+completes (training labels written, stage committed) when the next ``alseg query`` finds no region open, or
+is told to go on without them (``--allow-open``: the open regions are then closed unlabelled and never
+queried again).
+"""
+
+from __future__ import annotations
+
+import errno
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from alseg.data.dataset import Dataset
+from alseg.data.images import read_label_array, write_label_nifti
+from alseg.errors import ExperimentError
+from alseg.oracle.base import Annotation, Waiting
+from alseg.oracle.package import export_work_package, package_dir
+from alseg.store.layout import DB_FILE, round_dir
+from alseg.store.state import ExperimentState, StoredRegion
+
+
+class HumanOracle:
+    """People annotate: each round exports a work package and waits until its labels are imported."""
+
+    kind: ClassVar[str] = "human"
+    has_ground_truth: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        exp_dir: Path,
+        ds: Dataset,
+        state: ExperimentState,
+        ignore_value: int,
+        ground_truth: Callable[[str], np.ndarray] | None = None,
+    ) -> None:
+        self.dir = Path(exp_dir)
+        self.ds = ds
+        self.state = state
+        self.ignore_value = ignore_value
+
+    def annotate(self, round_index: int, allow_open: bool = False) -> Annotation | Waiting:
+        """Export the work package if it is missing. While regions are open (and ``allow_open`` is False) the
+        round waits. Otherwise write the round's training labels: imported labels inside the annotated regions,
+        earlier rounds' labels kept, the ignore value elsewhere."""
+        r = round_index
+        try:
+            exported = export_work_package(self.dir, self.state, self.ds, r)
+        except OSError as err:
+            what = "the disk is full" if err.errno == errno.ENOSPC else "a write failed"
+            raise ExperimentError(
+                f"round {r}: exporting the work package to {package_dir(self.dir, r)} failed: {what} ({err}); "
+                "nothing is lost: run the command again once the problem is fixed"
+            ) from err
+        regions = self.state.regions(round_index=r)
+        open_ = [g for g in regions if g.status != "annotated"]
+        if open_ and not allow_open:
+            open_ids = [(g.id, g.region.case_id) for g in open_]
+            return Waiting(r, package_dir(self.dir, r), open_ids, len(regions), exported)
+        done = [g for g in regions if g.status == "annotated"]
+        previous = self.state.latest_label_files(r - 1) if r > 0 else {}
+        if not done and not previous:
+            raise ExperimentError(
+                f"round {r}: none of its {len(regions)} regions is labelled and nothing was labelled before; "
+                f"import labels with `alseg import {self.dir} LABELS_DIR` first"
+            )
+        label_dir = round_dir(self.dir, r) / "labels"
+        files: dict[str, tuple[str, str]] = {}
+        by_case: dict[str, list[StoredRegion]] = defaultdict(list)
+        for g in done:
+            by_case[g.region.case_id].append(g)
+        for case_id in sorted(by_case):
+            geo = self.ds.geometry(case_id)
+            if case_id in previous:
+                base = read_label_array(self.dir / previous[case_id])
+            else:
+                dtype = np.uint8 if self.ignore_value < 256 else np.int16
+                base = np.full(geo.shape, self.ignore_value, dtype=dtype)
+            cache: dict[str, np.ndarray] = {}
+            for g in by_case[case_id]:
+                src = str(g.annotated_by)
+                if src not in cache:
+                    cache[src] = read_label_array(self.dir / src)
+                sl = g.region.box.slices()
+                base[sl] = cache[src][sl]
+            path = label_dir / f"{case_id}.nii.gz"
+            files[case_id] = (str(path.relative_to(self.dir)), write_label_nifti(path, base, geo))
+        closed = [g.id for g in open_]
+        detail: dict[str, Any] = {"cases": len(files), "oracle": "human", "open_regions": closed}
+        return Annotation(files, detail=detail, closed=closed)
+
+
+def waiting_round(state: ExperimentState) -> int | None:
+    """The round whose regions are chosen but whose annotate stage is not done (None if there is none)."""
+    rounds = sorted({g.round for g in state.regions()})
+    for r in reversed(rounds):
+        if state.stage_done(r, "query") and not state.stage_done(r, "annotate"):
+            return r
+    return None
+
+
+def pending_annotation(exp_dir: Path) -> Waiting | None:
+    """Read-only: the round waiting for labels, with its open regions."""
+    state = ExperimentState(Path(exp_dir) / DB_FILE)
+    try:
+        r = waiting_round(state)
+        if r is None:
+            return None
+        regions = state.regions(round_index=r)
+        open_ = [(g.id, g.region.case_id) for g in regions if g.status != "annotated"]
+        return Waiting(r, package_dir(exp_dir, r), open_, len(regions))
+    finally:
+        state.close()
+
+
+def annotation_rows(state: ExperimentState) -> list[dict[str, Any]]:
+    """Every region with its annotation state: done (and by which file), waiting, or closed unlabelled."""
+    files = {f["path"]: f for f in state.imported_files()}
+    rows = []
+    for g in state.regions():
+        if g.status == "annotated":
+            state_name = "done"
+        elif state.stage_done(g.round, "annotate"):
+            state_name = "closed unlabelled"
+        else:
+            state_name = "waiting"
+        f = files.get(g.annotated_by or "")
+        rows.append(
+            {
+                "region_id": g.id,
+                "round": g.round,
+                "case_id": g.region.case_id,
+                "start": list(g.region.box.start),
+                "size": list(g.region.box.size),
+                "state": state_name,
+                "file": g.annotated_by,
+                "source": None if f is None else f["source"],
+                "sha256": None if f is None else f["sha256"],
+            }
+        )
+    return rows

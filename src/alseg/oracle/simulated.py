@@ -1,0 +1,62 @@
+"""The simulated oracle: the dataset's ground truth inside the round's regions, the ignore value elsewhere."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+from tqdm import tqdm
+
+from alseg.data.dataset import Dataset
+from alseg.data.labels import partial_label, write_label_nifti
+from alseg.data.regions import Box, annotated_mask
+from alseg.oracle.base import Annotation, Waiting
+from alseg.store.layout import round_dir
+from alseg.store.state import ExperimentState
+
+
+class SimulatedOracle:
+    """Annotates from ground truth: research runs that simulate the annotator."""
+
+    kind: ClassVar[str] = "simulated"
+    has_ground_truth: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        exp_dir: Path,
+        ds: Dataset,
+        state: ExperimentState,
+        ignore_value: int,
+        ground_truth: Callable[[str], np.ndarray],
+    ) -> None:
+        self.dir = Path(exp_dir)
+        self.ds = ds
+        self.state = state
+        self.ignore_value = ignore_value
+        self.ground_truth = ground_truth
+
+    def annotate(self, round_index: int, allow_open: bool = False) -> Annotation | Waiting:
+        """For each case with a region this round: the ground truth inside every region of the case so far."""
+        r = round_index
+        chosen = self.state.regions(round_index=r)
+        boxes: dict[str, list[Box]] = {}
+        for sr in self.state.regions(max_round=r):
+            boxes.setdefault(sr.region.case_id, []).append(sr.region.box)
+        label_dir = round_dir(self.dir, r) / "labels"
+        files: dict[str, tuple[str, str]] = {}
+        fg: dict[int, dict[str, int]] = {}
+        for case_id in tqdm(
+            sorted({sr.region.case_id for sr in chosen}), desc=f"round {r}: annotate", unit="case", leave=False
+        ):
+            gt = self.ground_truth(case_id)
+            mask = annotated_mask(gt.shape, boxes[case_id])
+            path = label_dir / f"{case_id}.nii.gz"
+            sha = write_label_nifti(path, partial_label(gt, mask, self.ignore_value), self.ds.geometry(case_id))
+            files[case_id] = (str(path.relative_to(self.dir)), sha)
+            for sr in chosen:
+                if sr.region.case_id == case_id:
+                    sel = gt[sr.region.box.slices()]
+                    fg[sr.id] = {str(lab): int(np.count_nonzero(sel == lab)) for lab in self.ds.foreground_labels}
+        return Annotation(files, fg, "simulated", {"cases": len(files)})
