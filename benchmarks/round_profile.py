@@ -4,7 +4,9 @@ Runs the demo setting (bundled 40 Hippocampus cases, cpu profile, 20 boxes of 20
 with ``entropy`` so that round 1 has every stage: predict the pool with the round-0 model, score
 (predictive entropy, box means, per-case non-overlap), select (global top-k), annotate, train, evaluate.
 Predict, score and select are then timed separately on the same model and pool. Target (issue 2): the query
-stages (predict + score + select) take at most 25% of the round.
+stages (predict + score + select) take at most 25% of the round. The evaluate stage also predicts the stop set
+and computes the stopping signals (issue 13): ``stop_set`` reports that step's time (from the stage's record)
+and its share of the round (target: a few percent).
 
 Peak memory: this process's peak RSS is reset before each stage (Linux ``/proc/self/clear_refs``); training
 runs in a child process whose peak RSS is reported separately.
@@ -97,6 +99,7 @@ def main() -> None:
 
     round_s = sum(stages[s]["seconds"] for s in ("query", "annotate", "train", "evaluate"))
     query_s = stages["query"]["seconds"]
+    stop = (stages["evaluate"].get("detail") or {}).get("stopping") or {}  # inside the evaluate stage
     result = {
         "strategy": args.strategy,
         "pool_cases": len(pool),
@@ -112,6 +115,12 @@ def main() -> None:
                 "peak_rss_mb_incl_child": round(stages["train"]["peak_rss_mb"] or 0.0, 1),
             },
             "evaluate": {"seconds": round(stages["evaluate"]["seconds"], 2)},
+        },
+        "stop_set": {
+            "cases": stop.get("cases"),
+            "seconds": stop.get("seconds"),
+            "signals_seconds": stop.get("compute_seconds"),
+            "fraction_of_round": None if stop.get("seconds") is None else round(stop["seconds"] / round_s, 4),
         },
         "query_stage_seconds_in_loop": round(query_s, 2),
         "query_fraction_of_round": round(query_s / round_s, 4),

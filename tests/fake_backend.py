@@ -31,11 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from alseg.backends.base import ProgressCallback, TrainingCase, TrainingProgress, TrainResult
+from alseg.backends.base import CasePrediction, ProgressCallback, TrainingCase, TrainingProgress, TrainResult
 from alseg.config import ExperimentConfig
 from alseg.data.dataset import Dataset
 from alseg.data.folds import cross_validation_folds, fold_generator, nnunet_splits
-from alseg.strategies.base import CasePrediction
 
 MODEL_FILE = "alseg_model.json"
 PREPARED_FILE = "fake_prepared.json"

@@ -8,6 +8,7 @@ the model, so the comparison is exact although nnU-Net training is not bit-repro
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -160,9 +161,13 @@ def test_sigkill_anywhere_then_resume_gives_the_same_regions(reference_run: Path
     assert not _worker_alive(exp), "the nnU-Net training process outlived the killed run"
     # 3) a kill after training finished but before the stage committed: the complete model is reused
     kill_at(cfg, exp, "train.before_commit:2")
+    checkpoint = exp / "rounds" / "002" / "model" / "fold_all" / "checkpoint_final.pth"
+    before_resume = (hashlib.sha256(checkpoint.read_bytes()).hexdigest(), checkpoint.stat().st_mtime_ns)
     # 4) resume to the end
     done = alseg("run", str(cfg), "--out", str(exp))
     assert done.returncode == 0, done.stdout + done.stderr
+    after = (hashlib.sha256(checkpoint.read_bytes()).hexdigest(), checkpoint.stat().st_mtime_ns)
+    assert after == before_resume, "the complete model of round 2 was trained again instead of reused"
     assert region_set(exp) == region_set(reference_run)
     status = json.loads(alseg("status", str(exp), "--json").stdout)
     assert status["complete"] and len(status["rounds"]) == ROUNDS
@@ -181,3 +186,28 @@ def test_second_process_is_refused(reference_run: Path, tmp_path: Path) -> None:
         proc = alseg("run", str(cfg), "--out", str(reference_run))
     assert proc.returncode != 0
     assert "in use" in (proc.stderr + proc.stdout)
+
+
+def _metrics(exp: Path) -> dict:
+    with sqlite3.connect(exp / "alseg.sqlite") as conn:
+        return {r: json.loads(m) for r, m in conn.execute("SELECT round, data FROM metrics")}
+
+
+def test_resume_of_a_model_dependent_strategy_ends_like_an_uninterrupted_run(tmp_path: Path) -> None:
+    """``entropy`` chooses with the model: killed while querying and after a finished training, the resumed
+    run ends with the regions and held-out metrics of an uninterrupted run (training is deterministic on one
+    CPU), and the finished model is reused, not trained again."""
+    cfg = write_config(tmp_path / "cfg.yaml", strategy="entropy", rounds=2)
+    ref = tmp_path / "ref"
+    proc = alseg("run", str(cfg), "--out", str(ref))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    exp = tmp_path / "exp"
+    kill_at(cfg, exp, "train.before_commit:0")
+    checkpoint = exp / "rounds" / "000" / "model" / "fold_all" / "checkpoint_final.pth"
+    trained = (hashlib.sha256(checkpoint.read_bytes()).hexdigest(), checkpoint.stat().st_mtime_ns)
+    kill_at(cfg, exp, "query.selected:1")
+    done = alseg("run", str(cfg), "--out", str(exp))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (hashlib.sha256(checkpoint.read_bytes()).hexdigest(), checkpoint.stat().st_mtime_ns) == trained
+    assert region_set(exp) == region_set(ref)
+    assert _metrics(exp) == _metrics(ref)

@@ -19,6 +19,7 @@ from alseg.loop.drivers import run_experiment
 from alseg.store.layout import DB_FILE
 from alseg.store.state import ExperimentState
 from alseg.strategies.registry import STRATEGIES, get_strategy
+from alseg.uncertainty.measures import bald
 from conftest import copy_demo_cases
 
 pytestmark = pytest.mark.nnunet
@@ -83,6 +84,12 @@ def test_uncertainty_source(
     exp = run_two_rounds(small_hippocampus, tmp_path / "exp", strategy, {"source": source, "n_samples": n_samples})
     queried = check(exp, strategy)
     assert all(np.isfinite(r.region.score) for r in queried)
+    # the samples the strategy saw: one channel per declared label, and K samples that really differ
+    probs = _pool_samples(exp, n_samples)
+    assert probs.shape[:2] == (n_samples, 3)  # background, anterior, posterior: the ignore value is no class
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-3)
+    if source != "softmax":
+        assert np.max(bald(probs)) > 1e-4, f"{source}: the {n_samples} samples are (nearly) identical"
     model = exp / "rounds" / "001" / "model"
     report = json.loads((model / "alseg_model.json").read_text())
     assert report["uncertainty"] == source
@@ -92,6 +99,24 @@ def test_uncertainty_source(
         plans = json.loads((model / "plans.json").read_text())
         conf = plans["configurations"][report["configuration"]]
         assert conf["architecture"]["arch_kwargs"]["dropout_op"] == "torch.nn.Dropout"
+
+
+def _pool_samples(exp: Path, n_samples: int) -> np.ndarray:
+    """Probability samples of one pool case from the round-0 model, through the experiment's own backend."""
+    from alseg.backends.nnunet import make_backend
+    from alseg.config import load_config
+    from alseg.data.dataset import load_dataset
+
+    cfg = load_config(exp / "config.yaml")
+    ds = load_dataset(cfg.dataset)
+    state = ExperimentState(exp / DB_FILE)
+    try:
+        pool, _ = state.split()
+    finally:
+        state.close()
+    backend = make_backend(cfg, ds, exp / "nnunet")
+    [pred] = list(backend.predict(exp / "rounds" / "000" / "model", pool[:1], n_samples=n_samples, seed=7))
+    return pred.probs
 
 
 def test_fold_ensemble_members_train_outside_their_fold(small_hippocampus: Path, tmp_path: Path) -> None:

@@ -26,19 +26,28 @@ def _fail(message: str, code: int = 1) -> None:
 
 
 def _guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run ``fn``; expected failures become one clear message and exit code 1."""
-    from alseg.backends.nnunet.backend import BackendError
-    from alseg.config import ConfigError
-    from alseg.data.dataset import DatasetError
-    from alseg.errors import ExperimentError
-    from alseg.store.state import ExperimentLockedError
+    """Run ``fn``; expected failures become one clear message and exit code 1 (the traceback, where an experiment
+    was running, is in its ``alseg.log``). Anything else is a bug and keeps its traceback."""
+    import errno
+
+    from pydantic import ValidationError
+
+    from alseg.errors import AlsegError
 
     try:
         return fn(*args, **kwargs)
-    except (ConfigError, DatasetError, ExperimentError, ExperimentLockedError, BackendError) as err:
+    except AlsegError as err:
         _fail(str(err))
-    except ValueError as err:  # e.g. unknown strategy name or parameter
-        _fail(str(err))
+    except ValidationError as err:  # a config built from command-line options (alseg demo)
+        _fail(f"invalid option: {err}")
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        _fail(
+            f"{where}the disk is full ({err.strerror}); free space and run the same command again: every finished "
+            "stage is kept and the interrupted one starts over"
+        )
 
 
 @app.command()
@@ -53,14 +62,40 @@ def run(
             "the schedule's epochs (the upper bound in reports)",
         ),
     ] = False,
+    dataset: Annotated[
+        Path | None,
+        typer.Option(
+            "--dataset",
+            help="dataset folder, instead of the one CONFIG names; for an experiment whose dataset moved: accepted "
+            "when it holds the same files (names, sizes, SHA-256), and then stored in OUT/config.yaml",
+        ),
+    ] = None,
+    accept_dataset_change: Annotated[
+        bool,
+        typer.Option(
+            "--accept-dataset-change",
+            help="go on although files of the dataset changed, appeared or disappeared since the experiment was "
+            "created; the change is recorded in the experiment (a pool case with selected regions must not be gone)",
+        ),
+    ] = False,
 ) -> None:
     """Run or resume an experiment to its last round."""
     from alseg.config import load_config
+    from alseg.loop.create import open_or_create
     from alseg.loop.drivers import run_experiment
     from alseg.loop.full_data import run_full_data
+    from alseg.store.layout import CONFIG_FILE
 
     cfg = _guarded(load_config, config)
-    _guarded(run_full_data if full_data else run_experiment, cfg, out)
+    if full_data:
+        if (dataset is not None or accept_dataset_change) and (out / CONFIG_FILE).exists():
+            # check and record the dataset first: the full-data run then finds it as stored
+            _guarded(open_or_create, None, out, dataset=dataset, accept_dataset_change=accept_dataset_change)
+        if dataset is not None:
+            cfg = cfg.model_copy(update={"dataset": dataset.expanduser().resolve()})
+        _guarded(run_full_data, cfg, out)
+    else:
+        _guarded(run_experiment, cfg, out, dataset=dataset, accept_dataset_change=accept_dataset_change)
     _print_status(out, as_json=False)
     _print_waiting(out)
 
@@ -83,7 +118,8 @@ def _print_status(exp_dir: Path, as_json: bool) -> None:
         return
     u = data["uncertainty"]
     table = Table(title=f"{exp_dir} ({data['strategy']}, seed {data['seed']}, {u['source']} K = {u['n_samples']})")
-    for col in ("round", "regions", "voxels", "fg voxels", "Dice (fg mean)", "Dice per class", "stages"):
+    cols = ("round", "regions", "voxels", "fg voxels", "corrected", "strokes", "Dice (fg mean)", "Dice per class")
+    for col in (*cols, "stages"):
         table.add_column(col, justify="right" if col != "Dice per class" else "left")
     for row in data["rounds"]:
         dice = "-" if row["dice_mean"] is None else f"{row['dice_mean']:.3f}"
@@ -93,15 +129,67 @@ def _print_status(exp_dir: Path, as_json: bool) -> None:
             str(row["n_regions"]),
             str(row["annotated_voxels"]),
             str(row["annotated_fg_voxels"]),
+            str(row["corrected_voxels"]) if row["n_regions_measured"] else "-",
+            str(row["strokes"]) if row["n_regions_measured"] else "-",
             dice,
             per,
             f"{len(row['stages_done'])}/4",
         )
     Console().print(table)
+    _print_stopping(data)
     if "in_progress" in data:
         Console().print(running_line(data["in_progress"]), markup=False, highlight=False, soft_wrap=True)
     if "annotation" in data:
         _print_annotation(data["annotation"])
+
+
+def _print_stopping(data: dict[str, Any]) -> None:
+    """When to stop: one recommendation line per round and the rule behind it, then the run's 95% budget."""
+    for line in stopping_lines(data):
+        Console().print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def stopping_lines(data: dict[str, Any]) -> list[str]:
+    """``round 2: stopping looks safe: stability 0.981 ≥ 0.97 for 2 rounds (patience 2); held-out Dice gain ...``"""
+    lines = []
+    for row in data["rounds"]:
+        if row.get("recommendation") is None:
+            lines.append(f"round {row['round']}: not evaluated yet")
+            continue
+        line = f"round {row['round']}: {row['recommendation']}: {row['rule']}"
+        if row.get("stop_set_entropy") is not None:
+            line += f", stop-set entropy {row['stop_set_entropy']:.3f}"
+        if row.get("dice_gain") is not None:
+            below = "below" if row["gain_below_min"] else "at or above"
+            min_gain = data["stopping"]["min_gain"]
+            line += f"; held-out Dice gain {row['dice_gain']:+.3f} ({below} min_gain {min_gain:g}; shown, not used)"
+        lines.append(line)
+    x95 = (data.get("stopping") or {}).get("fg_eff_x95")
+    if x95 and any(row.get("dice_mean") is not None for row in data["rounds"]):
+        if x95.get("x95") is None:
+            lines.append(f"95% budget (FG-Eff fit of this run): none, {x95['reason']}")
+        else:
+            text = f"95% budget (FG-Eff fit of this run): {x95['x95'] * 100:.1f}% of the pool's foreground annotated"
+            if x95.get("interval"):
+                low, high = x95["interval"]
+                text += f" (95% bootstrap interval {low * 100:.1f}-{high * 100:.1f}%)"
+            elif x95.get("interval_reason"):
+                text += f" (no interval: {x95['interval_reason']})"
+            text += _extrapolation_note(x95)
+            lines.append(text)
+    return lines
+
+
+def _extrapolation_note(x95: dict[str, Any]) -> str:
+    """How far to trust a 95% budget: beyond the budget spent, beyond the pool's foreground, asymptote at 1."""
+    notes = []
+    if x95.get("x95") is not None and x95["x95"] > 1:
+        notes.append("more than the pool's whole foreground: not reachable")
+    elif x95.get("beyond_observed"):
+        notes.append("beyond the budget spent so far (an extrapolation)")
+    if x95.get("c_at_bound"):
+        notes.append("the fitted asymptote is the bound Dice 1 (no levelling off seen yet)")
+    return "".join(f"; {n}" for n in notes)
 
 
 def running_line(p: dict[str, Any]) -> str:
@@ -127,8 +215,14 @@ def _print_annotation(annotation: dict[str, Any]) -> None:
     """Annotation mode: every region's state and the file that labelled it."""
     rows = annotation["regions"]
     waiting = annotation["waiting_round"]
-    counts = {s: sum(1 for g in rows if g["state"] == s) for s in ("done", "waiting", "closed unlabelled")}
-    title = ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no regions yet"
+    counts = {s: sum(1 for g in rows if g["state"].startswith(s)) for s in ("done", "waiting", "closed unlabelled")}
+    empty = sum(1 for g in rows if g.get("all_background"))
+    title = (
+        ", ".join(
+            f"{n} {s}" + (f" ({empty} all background)" if s == "done" and empty else "") for s, n in counts.items() if n
+        )
+        or "no regions yet"
+    )
     table = Table(title=f"annotation: {title}" + (f"; round {waiting} waits for labels" if waiting is not None else ""))
     for col in ("region", "round", "case", "start (z, y, x)", "size", "state", "file"):
         table.add_column(col, justify="right" if col in ("region", "round") else "left")
@@ -143,6 +237,20 @@ def _print_annotation(annotation: dict[str, Any]) -> None:
             g["source"] or "-",
         )
     Console().print(table)
+    if annotation.get("annotators"):
+        people = Table(title="annotators (corrected voxels and strokes: against the prefill each region started from)")
+        for col in ("annotator", "regions", "voxels", "corrected voxels", "strokes", "imports", "minutes"):
+            people.add_column(col, justify="left" if col == "annotator" else "right")
+        for a in annotation["annotators"]:
+            mins = "-" if a["minutes"] is None else f"{a['minutes']:g}"
+            if a["minutes"] is not None and a["imports_without_minutes"]:
+                mins += f" ({a['imports_without_minutes']} imports without)"
+            people.add_row(
+                a["annotator"],
+                *(str(a[k]) for k in ("regions", "voxels", "corrected_voxels", "strokes", "imports")),
+                mins,
+            )
+        Console().print(people)
 
 
 def _print_waiting(exp_dir: Path) -> None:
@@ -183,28 +291,67 @@ def import_(
     exp_dir: Annotated[Path, typer.Argument(help="experiment directory (oracle: human)")],
     labels_dir: Annotated[Path, typer.Argument(help="folder of label files named {case_id}.nii.gz")],
     strict: Annotated[
-        bool, typer.Option("--strict", help="refuse files with labelled voxels outside the requested regions")
+        bool,
+        typer.Option(
+            "--strict",
+            help="refuse files with labelled voxels outside the requested regions or a region left all background",
+        ),
     ] = False,
     replace: Annotated[
         bool, typer.Option("--replace", help="replace already imported files that changed (old copies are kept)")
     ] = False,
+    round_index: Annotated[
+        int | None,
+        typer.Option(
+            "--round",
+            help="with --replace: correct the labels of cases of this finished round (the next training uses them)",
+        ),
+    ] = None,
+    annotator: Annotated[
+        str | None, typer.Option("--annotator", help="who labelled these files (default: your login name)")
+    ] = None,
+    minutes: Annotated[
+        float | None,
+        typer.Option("--minutes", help="minutes spent labelling the files of this import (a number >= 0)"),
+    ] = None,
 ) -> None:
     """Annotation mode: check and import the annotators' label files of the waiting round."""
     from alseg.oracle.importer import import_labels
 
-    report = _guarded(import_labels, exp_dir, labels_dir, strict=strict, replace=replace)
+    report = _guarded(
+        import_labels,
+        exp_dir,
+        labels_dir,
+        strict=strict,
+        replace=replace,
+        round_index=round_index,
+        annotator=annotator,
+        minutes=minutes,
+    )
     for line in report.warnings:
         err_console.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
     for line in report.notes:
         err_console.print(f"note: {line}", markup=False, highlight=False, soft_wrap=True)
+    verb = "corrected" if report.correction else "imported"
     for item in report.imported:
         what = f" (replaces {item['replaced']})" if item["replaced"] else ""
-        sys.stdout.write(f"imported {item['file']}: case {item['case_id']}, regions {item['regions']}{what}\n")
+        where = f", round {report.round_index}" if report.correction else ""
+        sys.stdout.write(f"{verb} {item['file']}: case {item['case_id']}{where}, regions {item['regions']}{what}\n")
     if report.unchanged:
         sys.stdout.write(f"unchanged (imported before): {', '.join(report.unchanged)}\n")
     if not report.imported:
-        sys.stdout.write("nothing new to import\n")
-    if report.open_regions:
+        sys.stdout.write("nothing new to import" + (" (--minutes not recorded)" if minutes is not None else "") + "\n")
+    else:
+        spent = "" if report.minutes is None else f", {report.minutes:g} minutes"
+        sys.stdout.write(f"annotator: {report.annotator}{spent}\n")
+    if report.correction:
+        if report.imported:
+            sys.stdout.write(
+                f"round {report.round_index}: labels corrected; round {report.rebuilt_at}'s training uses them "
+                f"(`alseg query {exp_dir}` rebuilds the training labels of the corrected cases); metrics recorded "
+                "so far stay as they were\n"
+            )
+    elif report.open_regions:
         shown = ", ".join(f"{rid} ({cid})" for rid, cid in report.open_regions)
         sys.stdout.write(f"round {report.round_index}: {len(report.open_regions)} regions still open: {shown}\n")
     elif report.round_index is not None:

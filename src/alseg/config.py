@@ -12,8 +12,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from alseg.errors import AlsegError
 
-class ConfigError(ValueError):
+
+class ConfigError(AlsegError, ValueError):
     """An invalid configuration; the message names the file, the key and what was expected."""
 
 
@@ -88,6 +90,35 @@ class UncertaintyConfig(BaseModel):
         return self
 
 
+class StoppingConfig(BaseModel):
+    """When to stop (config key ``stopping``): the stop set and the thresholds of the label-free rule.
+
+    ``alseg status`` recommends stopping at a round when the prediction stability (Dice between this round's and
+    the previous round's segmentations of the stop set's unannotated voxels, mean over foreground classes) has
+    been at least ``stability_threshold`` for ``patience`` consecutive rounds. ``min_gain`` only labels the
+    held-out Dice gain shown beside it; held-out labels never enter the recommendation.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    stop_set_size: int = Field(
+        default=20,
+        ge=0,
+        description="pool cases predicted after every round to measure stability (a seeded draw, fixed for the "
+        "experiment; a smaller pool: all of it; 0: no stop set, no stability)",
+    )
+    stability_threshold: float = Field(
+        default=0.97, gt=0, le=1, description="mean-over-classes stability at or above which a round counts"
+    )
+    patience: int = Field(default=2, ge=1, description="consecutive rounds at or above the threshold to stop")
+    min_gain: float = Field(
+        default=0.01, ge=0, description="held-out Dice gain per round below which the gain is called small"
+    )
+    bootstrap_resamples: int = Field(
+        default=200, ge=0, description="resamples of the held-out cases for the interval of the 95% budget"
+    )
+
+
 class ExperimentConfig(BaseModel):
     """All settings of one experiment (one strategy, one seed, one setting)."""
 
@@ -128,6 +159,16 @@ class ExperimentConfig(BaseModel):
     )
     starting_regions: Path | None = Field(
         default=None, description="JSON or CSV of the round-0 regions; default: chosen by alseg"
+    )
+    prefill: bool = Field(
+        default=True,
+        description="from round 1 on, start each region from the previous round's model prediction: the work "
+        "package holds it as prefill/{case}.nii.gz for people to correct, and the correction cost (corrected "
+        "voxels, strokes) is measured against it; false: people start from an empty label, and the cost is "
+        "measured against background",
+    )
+    stopping: StoppingConfig = Field(
+        default_factory=StoppingConfig, description="the stop set and the thresholds of the stopping rule"
     )
 
     @field_validator("region_size", "stride")

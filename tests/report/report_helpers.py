@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from alseg.backends.base import CasePrediction
 from alseg.config import ExperimentConfig
 from alseg.data.dataset import Dataset
 from alseg.loop.drivers import run_experiment
 from alseg.loop.full_data import run_full_data
-from alseg.strategies.base import CasePrediction
 from conftest import make_config
 from fake_backend import MODEL_FILE, FakeBackend
 

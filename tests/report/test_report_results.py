@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from report_helpers import ROUNDS, RUNNING, SEEDS, STRATEGIES, copy_without_metrics, report_experiments
+from scipy import stats as scipy_stats
 
 from alseg.evaluation.curves import aubc
 from alseg.report.compare import choose_baseline, compare, write_csv
@@ -114,13 +115,28 @@ def test_summary_fg_eff_and_baseline(exps: dict[str, Any]) -> None:
     finals = cmp.per_experiment[cmp.per_experiment["strategy"] == "random_fg33"]["final_dice"]
     assert s.loc["random_fg33", "final_dice_mean"] == pytest.approx(finals.mean())
     assert s.loc["random_fg33", "final_dice_std"] == pytest.approx(finals.std(ddof=1))
-    assert s.loc["random_fg33", "final_dice_mark"] in ("", "▲", "▼")
+    # the mark, from a paired t-test over the seeds computed here with scipy
+    pe = cmp.per_experiment
+    ours = pe[pe["strategy"] == "random_fg33"].set_index("seed")["final_dice"]
+    base = pe[pe["strategy"] == "random"].set_index("seed")["final_dice"]
+    seeds = ours.index.intersection(base.index)
+    assert len(seeds) == 2
+    p = float(scipy_stats.ttest_rel(ours[seeds], base[seeds]).pvalue)
+    diff = float((ours[seeds] - base[seeds]).mean())
+    want = ("▲" if diff > 0 else "▼") if p < 0.05 else ""
+    assert s.loc["random_fg33", "final_dice_mark"] == want
     assert math.isnan(s.loc["random", "aubc_p"])  # the baseline is not tested against itself
     fg = cmp.fg_eff.set_index("strategy")
     c = res.reference_for_setting(res.settings[0])
     assert fg.loc["random", "c"] == pytest.approx(c)
+    rising = 0
     for strategy in STRATEGIES:
-        assert fg.loc[strategy, "reason"] is None and fg.loc[strategy, "fg_eff"] >= 0
+        assert fg.loc[strategy, "reason"] is None and math.isfinite(fg.loc[strategy, "fg_eff"])
+        curves = res.al_rounds[res.al_rounds["strategy"] == strategy].groupby("round")["dice"].mean()
+        if curves.iloc[-1] > curves.iloc[0]:  # Dice rises with annotation: the fitted rate is positive
+            rising += 1
+            assert fg.loc[strategy, "fg_eff"] > 0
+    assert rising > 0
     # PPM: Φ of strategies with a single seed is undefined, not "never beaten"
     assert cmp.ppm is not None
     assert math.isnan(cmp.ppm.phi[RUNNING]) and math.isfinite(cmp.ppm.phi["random"])

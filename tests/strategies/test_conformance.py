@@ -20,6 +20,7 @@ import pytest
 from alseg.data.regions import Box, Region, annotated_mask
 from alseg.strategies.base import (
     CasePrediction,
+    Needs,
     NotEnoughCandidatesError,
     PoolView,
     QueryContext,
@@ -203,7 +204,7 @@ def test_declares_key_description_needs(key: str) -> None:
     assert type(strategy).key == strategy.key == key
     assert strategy.description and "\n" not in strategy.description
     assert dataclasses.is_dataclass(strategy)
-    assert type(strategy.needs).__name__ == "Needs"
+    assert isinstance(strategy.needs, Needs)
 
 
 @pytest.mark.parametrize("key", KEYS)

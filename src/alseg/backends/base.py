@@ -1,20 +1,30 @@
 """The segmentation backend protocol: everything the loop needs from a segmentation framework.
 
 The loop talks only to this protocol; ``alseg.backends.nnunet`` is the one implementation that imports
-nnunetv2. A backend trains on partially labelled cases (the ignore value marks unannotated voxels) and
-streams probability samples ``(K, C, *spatial)`` for the cases it is asked to predict.
+nnunetv2. This module is low in the house: it holds only the protocol and the plain types a backend hands
+over (:class:`CasePrediction`, :class:`TrainingCase`, ...), which the strategies read too. A backend trains
+on partially labelled cases (the ignore value marks unannotated voxels) and streams probability samples
+``(K, C, *spatial)`` for the cases it is asked to predict.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
-from alseg.strategies.base import CasePrediction
+
+@dataclass
+class CasePrediction:
+    """A model's output for one case: probability samples ``(K, C, *spatial)`` and optional extras."""
+
+    case_id: str
+    probs: np.ndarray
+    features: np.ndarray | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

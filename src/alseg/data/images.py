@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from alseg import durable
 from alseg.errors import AlsegError
 
 MAX_PROBLEMS_SHOWN = 20
@@ -281,7 +282,5 @@ def write_label_nifti(path: str | Path, array: np.ndarray, geometry: Geometry) -
     image = geometry.copy_to(sitk.GetImageFromArray(array))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.nii.gz")
     sitk.WriteImage(image, str(tmp), useCompression=True)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    durable.replace(tmp, path)
     return sha256_file(path)

@@ -22,12 +22,27 @@ from alseg import __version__
 from alseg.backends.nnunet.profiles import get_profile
 from alseg.config import DEFAULT_SAMPLES, ConfigError, ExperimentConfig, Schedule, dump_config, load_config
 from alseg.data.dataset import Dataset, load_dataset, validate_dataset
+from alseg.data.fingerprint import (
+    fingerprint_dataset,
+    fingerprint_to_json,
+)
 from alseg.data.region_files import load_starting_regions, regions_to_json
 from alseg.data.regions import default_region_size, default_slice_axis, unit_box_size
 from alseg.data.split import split_pool_and_test
+from alseg.durable import fsync_dir, fsync_tree
 from alseg.errors import ExperimentError
-from alseg.store.layout import CONFIG_FILE, DB_FILE, write_text_atomic
-from alseg.store.state import ExperimentState
+from alseg.loop.dataset_check import check_dataset
+from alseg.store.layout import (
+    CHANGES_META,
+    CONFIG_FILE,
+    DB_FILE,
+    FINGERPRINT_META,
+    log,
+    say,
+    setup_logging,
+    write_text_atomic,
+)
+from alseg.store.state import ExperimentState, experiment_lock, file_lock
 from alseg.strategies.base import Strategy
 from alseg.strategies.registry import get_strategy
 
@@ -110,7 +125,10 @@ def create_experiment(cfg: ExperimentConfig, exp_dir: Path) -> ExperimentConfig:
     if not human:
         ds = load_dataset(cfg.dataset)
     validate_dataset(ds)
-    strategy = get_strategy(cfg.strategy, cfg.strategy_params)  # unknown name or parameter: error now
+    try:
+        strategy = get_strategy(cfg.strategy, cfg.strategy_params)  # unknown name or parameter: error now
+    except ValueError as err:
+        raise ConfigError(f"invalid config: {err}") from None
     check_uncertainty(cfg, strategy)
     if human and strategy.needs.ground_truth:
         raise ConfigError(
@@ -153,11 +171,13 @@ def create_experiment(cfg: ExperimentConfig, exp_dir: Path) -> ExperimentConfig:
         gt = ds.read_label(cid)
         for lab in ds.foreground_labels:
             pool_fg[str(lab)] += int(np.count_nonzero(gt == lab))
+    fingerprint = fingerprint_to_json(fingerprint_dataset(ds))  # every file hashed, before anything is written
 
     parent = exp_dir.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
+    for old in _remove_leftovers(exp_dir):
+        log.warning("removed %s, left by a creation of %s that was stopped", old, exp_dir)
     tmp = parent / f".{exp_dir.name}.creating-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         (tmp / CONFIG_FILE).write_text(dump_config(cfg))
@@ -166,46 +186,160 @@ def create_experiment(cfg: ExperimentConfig, exp_dir: Path) -> ExperimentConfig:
             state.set_split(conn, pool, test)
             state.set_meta(conn, "pool_fg_voxels", json.dumps(dict(pool_fg)))
             state.set_meta(conn, "alseg_version", __version__)
+            state.set_meta(conn, FINGERPRINT_META, fingerprint)
             if start_regions is not None:
                 state.set_meta(conn, "starting_regions", regions_to_json(start_regions))
         state.close()
         if exp_dir.exists():
             exp_dir.rmdir()  # empty, checked above
+        fsync_tree(tmp)
         os.rename(tmp, exp_dir)
+        fsync_dir(exp_dir.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return cfg
 
 
-def open_or_create(cfg: ExperimentConfig | None, exp_dir: Path) -> ExperimentConfig:
+def open_or_create(
+    cfg: ExperimentConfig | None,
+    exp_dir: Path,
+    *,
+    dataset: str | Path | None = None,
+    accept_dataset_change: bool = False,
+) -> ExperimentConfig:
     """Resume ``exp_dir`` if it is an experiment, else create it.
 
     On resume, every key that ``cfg`` sets must equal the stored one; keys it leaves out take the stored
-    values (the experiment's resolved defaults, whatever alseg's defaults are today).
+    values (the experiment's resolved defaults, whatever alseg's defaults are today). The dataset must hold the
+    files the experiment was created with (its stored fingerprint; see :func:`check_dataset`):
+    ``accept_dataset_change`` records a change and goes on. ``dataset`` overrides ``cfg``'s dataset: on resume,
+    a moved dataset, accepted when it holds the same files; ``config.yaml`` then names the new folder.
     """
     exp_dir = Path(exp_dir)
     stored_path = exp_dir / CONFIG_FILE
+    new_root = None if dataset is None else Path(dataset).expanduser().resolve()
     if stored_path.exists():
         stored = load_config(stored_path)
         if stored.schedule is None:
             stored = _store_recovered_schedule(exp_dir, stored)
-        if cfg is not None:
-            ds = load_dataset(cfg.dataset, require_labels=False)
-            wanted = resolve_config(cfg, ds)
-            diff = {
-                k: (getattr(stored, k), getattr(wanted, k))
-                for k in ExperimentConfig.model_fields
-                if k in cfg.model_fields_set and getattr(stored, k) != getattr(wanted, k)
-            }
-            if diff:
-                lines = ", ".join(f"{k}: stored {a!r} vs given {b!r}" for k, (a, b) in diff.items())
-                raise ExperimentError(
-                    f"{exp_dir} was created with a different config ({lines}); use another --out directory"
-                )
-        return stored
+        with experiment_lock(exp_dir):  # no run may change the state between the check and what it records
+            return _resume(cfg, exp_dir, stored, new_root, accept_dataset_change)
     if cfg is None:
         raise ExperimentError(f"{exp_dir} is not an alseg experiment (no {CONFIG_FILE})")
-    return create_experiment(cfg, exp_dir)
+    if new_root is not None:
+        cfg = cfg.model_copy(update={"dataset": new_root})
+    parent = exp_dir.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    # Taken before anything is written: a second first run of the same folder stops with a clear message.
+    with file_lock(creation_lock_path(exp_dir), f"experiment {exp_dir} (being created)"):
+        if stored_path.exists():  # created by a run that held the lock just before
+            return open_or_create(cfg, exp_dir, dataset=dataset, accept_dataset_change=accept_dataset_change)
+        return create_experiment(cfg, exp_dir)
+
+
+def creation_lock_path(exp_dir: Path) -> Path:
+    """``.{name}.lock`` beside the experiment folder: held while the folder is created."""
+    exp_dir = Path(exp_dir).resolve()
+    return exp_dir.parent / f".{exp_dir.name}.lock"
+
+
+def _remove_leftovers(exp_dir: Path) -> list[Path]:
+    """Remove the temporary folders (``.{name}.creating-PID``) of creations that were killed; call under the
+    creation lock (no creation of the folder runs then)."""
+    exp_dir = Path(exp_dir).resolve()
+    gone = []
+    for tmp in exp_dir.parent.glob(f".{exp_dir.name}.creating-*"):
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+            gone.append(tmp)
+    return gone
+
+
+def _resume(
+    cfg: ExperimentConfig | None, exp_dir: Path, stored: ExperimentConfig, new_root: Path | None, accept: bool
+) -> ExperimentConfig:
+    """Check the given config and the dataset against the stored ones, record what is accepted, return the config."""
+    stored_root = Path(stored.dataset)
+    root = stored_root if new_root is None else new_root
+    if cfg is not None and new_root is None:
+        given = Path(cfg.dataset).expanduser().resolve()
+        if given != stored_root:
+            raise ExperimentError(
+                f"{exp_dir} was created with a different config (dataset: stored {str(stored_root)!r} vs given "
+                f"{str(given)!r}); use another --out directory, or, if the dataset moved, pass --dataset NEW_PATH"
+            )
+    if new_root is None and not root.is_dir():
+        raise ExperimentError(
+            f"the dataset of {exp_dir}, {root}, does not exist; restore it, or, if it moved, pass --dataset NEW_PATH "
+            "to `alseg run`"
+        )
+    ds = load_dataset(root, require_labels=False)
+    state = ExperimentState(exp_dir / DB_FILE)
+    try:
+        moved_from = stored_root if root != stored_root else None
+        plan = check_dataset(exp_dir, stored, ds, state, moved_from=moved_from, accept=accept)
+        if plan.error is not None:
+            raise ExperimentError(plan.error)
+        if cfg is not None:
+            _check_config(exp_dir, cfg.model_copy(update={"dataset": root}), stored, _readable(ds))
+        if plan.fingerprint is not None or plan.record is not None or plan.drop:
+            with state.transaction() as conn:
+                if plan.fingerprint is not None:
+                    state.set_meta(conn, FINGERPRINT_META, plan.fingerprint)
+                if plan.record is not None:
+                    history = json.loads(state.get_meta(CHANGES_META) or "[]")
+                    state.set_meta(conn, CHANGES_META, json.dumps([*history, plan.record]))
+                for case_id in plan.drop:  # gone or unreadable, not trained on: it leaves the pool or the test set
+                    conn.execute("DELETE FROM split WHERE case_id = ?", (case_id,))
+    finally:
+        state.close()
+    if root != stored_root:
+        stored = stored.model_copy(update={"dataset": root})
+        write_text_atomic(exp_dir / CONFIG_FILE, dump_config(stored))
+    if plan.messages:
+        handler = setup_logging(exp_dir)
+        try:
+            for level, message in plan.messages:
+                if level == "say":
+                    say(message)
+                else:
+                    log.log(logging.WARNING if level == "warning" else logging.INFO, message)
+        finally:
+            log.removeHandler(handler)
+            handler.close()
+    return stored
+
+
+def _check_config(exp_dir: Path, cfg: ExperimentConfig, stored: ExperimentConfig, ds: Dataset) -> None:
+    """Every key that ``cfg`` sets equals the stored one (``cfg``'s dataset is the experiment's)."""
+    wanted = resolve_config(cfg, ds)
+    diff = {
+        k: (getattr(stored, k), getattr(wanted, k))
+        for k in ExperimentConfig.model_fields
+        if k in cfg.model_fields_set and k != "dataset" and getattr(stored, k) != getattr(wanted, k)
+    }
+    if diff:
+        lines = ", ".join(f"{k}: stored {a!r} vs given {b!r}" for k, (a, b) in diff.items())
+        raise ExperimentError(f"{exp_dir} was created with a different config ({lines}); use another --out directory")
+
+
+def _readable(ds: Dataset) -> Dataset:
+    """``ds`` without the cases an image file of which is missing (their geometry cannot be read)."""
+    keep = [c for c in ds.case_ids if all(p.is_file() for p in ds.image_files(c))]
+    if len(keep) == len(ds.case_ids) or not keep:
+        return ds
+    return Dataset(
+        root=ds.root,
+        name=ds.name,
+        labels=ds.labels,
+        channel_names=ds.channel_names,
+        images={c: ds.image_files(c) for c in keep},
+        label_paths={c: ds.expected_label_file(c) for c in keep},
+        file_ending=ds.file_ending,
+        layout=ds.layout,
+        require_labels=ds.require_labels,
+        num_training=ds.num_training,
+    )
 
 
 def _store_recovered_schedule(exp_dir: Path, stored: ExperimentConfig) -> ExperimentConfig:

@@ -10,7 +10,7 @@ from alseg.errors import ExperimentError
 from alseg.loop.create import open_or_create
 from alseg.loop.runner import BackendFactory, Experiment, default_backend
 from alseg.oracle import ORACLES, Waiting
-from alseg.store.layout import log, setup_logging
+from alseg.store.layout import log, log_failure, setup_logging, warn_if_network_filesystem
 from alseg.store.state import experiment_lock
 
 
@@ -31,12 +31,16 @@ def advance_experiment(
         )
     with experiment_lock(exp_dir):
         handler = setup_logging(exp_dir)
+        warn_if_network_filesystem(exp_dir)
         try:
             exp = Experiment(exp_dir, cfg, backend_factory)
             try:
                 waiting = exp.run(allow_open=allow_open)
             finally:
                 exp.state.close()
+        except Exception as err:
+            log_failure(err)
+            raise
         finally:
             log.removeHandler(handler)
             handler.close()
@@ -53,11 +57,20 @@ def advance_experiment(
 
 
 def run_experiment(
-    cfg: ExperimentConfig | None, exp_dir: Path, backend_factory: BackendFactory = default_backend
+    cfg: ExperimentConfig | None,
+    exp_dir: Path,
+    backend_factory: BackendFactory = default_backend,
+    *,
+    dataset: Path | None = None,
+    accept_dataset_change: bool = False,
 ) -> Path:
-    """Create or resume the experiment in ``exp_dir`` and run it to its last round."""
+    """Create or resume the experiment in ``exp_dir`` and run it to its last round.
+
+    ``dataset`` overrides the config's dataset (a moved dataset: see ``open_or_create``); ``accept_dataset_change``
+    records a change of the dataset's files and goes on.
+    """
     exp_dir = Path(exp_dir)
-    cfg = open_or_create(cfg, exp_dir)
+    cfg = open_or_create(cfg, exp_dir, dataset=dataset, accept_dataset_change=accept_dataset_change)
     with experiment_lock(exp_dir):
         run_logged(Experiment, exp_dir, cfg, backend_factory)
     return exp_dir
@@ -66,10 +79,16 @@ def run_experiment(
 def run_logged(kind: type[Experiment], exp_dir: Path, cfg: ExperimentConfig, backend_factory: BackendFactory) -> None:
     """Run an experiment of class ``kind`` to its end with the log file attached (the caller holds the lock)."""
     handler = setup_logging(exp_dir)
+    warn_if_network_filesystem(exp_dir)
     try:
         exp = kind(exp_dir, cfg, backend_factory)
-        exp.run()
-        exp.state.close()
+        try:
+            exp.run()
+        finally:
+            exp.state.close()
+    except Exception as err:
+        log_failure(err)
+        raise
     finally:
         log.removeHandler(handler)
         handler.close()

@@ -29,12 +29,11 @@ from alseg.data.regions import Box, Region
 from alseg.loop.create import open_or_create, resolve_config
 from alseg.loop.drivers import run_logged
 from alseg.loop.runner import BackendFactory, Experiment, default_backend
-from alseg.store.layout import DB_FILE, log
+from alseg.store.layout import DB_FILE, FULL_DATA_META, log
 from alseg.store.state import ExperimentState, experiment_lock
 
 __all__ = ["FULL_DATA_META", "FULL_DATA_STRATEGY", "full_data_config", "is_full_data", "run_full_data"]
 
-FULL_DATA_META = "full_data"
 FULL_DATA_STRATEGY = "full_data"  # recorded as the regions' strategy (never a registered key)
 _STRATEGY = "random"  # the stored config needs a registered strategy; with one round it is never asked
 

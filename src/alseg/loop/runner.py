@@ -24,13 +24,16 @@ import numpy as np
 
 from alseg.backends.base import SegmentationBackend, TrainingCase
 from alseg.config import ExperimentConfig
+from alseg.data.cache import ArrayCache
 from alseg.data.dataset import Dataset, load_dataset
 from alseg.data.images import read_label_array, write_label_nifti
 from alseg.data.region_files import regions_from_json
 from alseg.data.regions import Region, annotated_mask, unit_box_size
 from alseg.errors import ExperimentError
 from alseg.evaluation.metrics import CostAccumulator, evaluate_case, json_safe, summarise_cases
+from alseg.loop.prefill import model_segmentations
 from alseg.loop.progress import RunProgress, accepts
+from alseg.loop.stopping import StopSetRound
 from alseg.oracle import ORACLES, Oracle, Waiting
 from alseg.store.layout import (
     DB_FILE,
@@ -70,11 +73,15 @@ class Experiment:
         self.pool, self.test = self.state.split()
         self.strategy: Strategy = get_strategy(cfg.strategy, cfg.strategy_params)
         self.ignore_value = max(self.ds.labels) + 1
-        self.oracle: Oracle = oracle_class(self.dir, self.ds, self.state, self.ignore_value, self.ground_truth)
         self._backend_factory = backend_factory
         self._backend: SegmentationBackend | None = None
-        self._gt_cache: dict[str, np.ndarray] = {}
+        self._gt_cache = ArrayCache()  # bounded by bytes: a large dataset's labels never fill the memory
         self.progress = RunProgress(self.dir, cfg)  # bars, progress.json and the time estimates of this run
+        # the previous round's predictions for the prefill (work package) and the correction cost
+        segs = model_segmentations(lambda: self.backend, self.dir, cfg.seed, self.progress) if cfg.prefill else None
+        self.oracle: Oracle = oracle_class(
+            self.dir, self.ds, self.state, self.ignore_value, self.ground_truth, segmentations=segs
+        )
 
     @property
     def backend(self) -> SegmentationBackend:
@@ -96,11 +103,7 @@ class Experiment:
         }
 
     def ground_truth(self, case_id: str) -> np.ndarray:
-        if case_id not in self._gt_cache:
-            if len(self._gt_cache) > 512:
-                self._gt_cache.clear()
-            self._gt_cache[case_id] = self.ds.read_label(case_id)
-        return self._gt_cache[case_id]
+        return self._gt_cache.get(case_id, lambda: self.ds.read_label(case_id))
 
     def annotated_boxes(self, max_round: int) -> dict[str, list]:
         boxes: dict[str, list] = defaultdict(list)
@@ -245,6 +248,8 @@ class Experiment:
                 self.state.add_label_file(conn, r, cid, rel, sha)
             for region_id, fg in result.fg_voxels.items():
                 self.state.mark_annotated(conn, region_id, fg, result.annotated_by)
+            for rid, c in result.costs.items():
+                self.state.set_region_cost(conn, rid, c.corrected_voxels, c.strokes, c.prefill, result.annotated_by)
 
         self._commit_stage(r, "annotate", t0, result.detail, record)
         if result.closed:
@@ -315,12 +320,11 @@ class Experiment:
 
     def stage_evaluate(self, r: int) -> None:
         t0 = time.perf_counter()
-        if not self.test:  # a dataset without any label (people annotate it): nothing to evaluate on
-            self._commit_stage(r, "evaluate", t0, {"skipped": "no held-out cases with labels"})
-            return
+        stop = StopSetRound(self.dir, self.state, self.cfg, self.pool, r, self.ds.foreground_labels)
+        cases = [*self.test, *stop.case_ids]
+        preds = self.backend.predict(self.model_dir(r), cases) if cases else iter(())
         per_case = []
-        preds = self.backend.predict(self.model_dir(r), self.test)
-        for pred in self.progress.track(preds, len(self.test), f"round {r}: evaluate", "evaluating"):
+        for pred in stop.take(self.progress.track(preds, len(cases), f"round {r}: evaluate", "evaluating")):
             seg = np.argmax(pred.probs.mean(axis=0), axis=0)
             gt = self.ground_truth(pred.case_id)
             geo = self.ds.geometry(pred.case_id)
@@ -328,12 +332,16 @@ class Experiment:
             m["case_id"] = pred.case_id
             per_case.append(m)
             fault_point("evaluate.predicting", r)
-        self.progress.timing["evaluate_seconds_per_case"] = (time.perf_counter() - t0) / len(self.test)
+        detail = {"stopping": stop.finish()}
+        if not self.test:  # a dataset without any label (people annotate it): nothing to evaluate on
+            self._commit_stage(r, "evaluate", t0, {"skipped": "no held-out cases with labels", **detail})
+            return
+        self.progress.timing["evaluate_seconds_per_case"] = (time.perf_counter() - t0) / len(cases)
         summary = summarise_cases(per_case)
         summary["cost"] = self.cost(r)
         summary["round"] = r
         write_json_atomic(self.round_dir(r) / "evaluation.json", json_safe({"summary": summary, "cases": per_case}))
-        self._commit_stage(r, "evaluate", t0, None, lambda conn: self.state.set_metrics(conn, r, json_safe(summary)))
+        self._commit_stage(r, "evaluate", t0, detail, lambda conn: self.state.set_metrics(conn, r, json_safe(summary)))
         log.info(
             "round %d: held-out Dice %.3f (%s)",
             r,

@@ -11,7 +11,8 @@ from typing import Any
 
 from alseg.config import load_config
 from alseg.errors import ExperimentError
-from alseg.store.layout import CONFIG_FILE, DB_FILE, PROGRESS_FILE
+from alseg.loop.stopping import STOPPING_ROUND_KEYS, stopping_status
+from alseg.store.layout import CONFIG_FILE, DB_FILE, PROGRESS_FILE, STOP_SET_META
 from alseg.store.state import ExperimentState
 
 LOCK_FILE = ".lock"  # as ``experiment_lock`` names it
@@ -90,9 +91,21 @@ def stage_in_progress(exp_dir: Path) -> dict[str, Any] | None:
 def experiment_status(exp_dir: Path) -> dict[str, Any]:
     """Per round: regions, annotation cost, Dice (foreground mean and per class), stages done.
 
-    With the human oracle also ``annotation``: the round waiting for labels and every region's state
-    (done and by which file, waiting, or closed unlabelled). While the experiment runs also ``in_progress``:
-    ``{round, stage, detail, started_at, fraction, eta_seconds, updated_at, pid}`` of the stage running now.
+    The correction cost per round (:mod:`alseg.evaluation.correction`): ``corrected_voxels`` and ``strokes``
+    summed over the annotated regions so far that were measured (``n_regions_measured``: regions annotated before
+    alseg measured corrections are left out), ``corrected_voxels_added`` and ``strokes_added`` of the round's own.
+
+    With the human oracle also ``annotation``: the round waiting for labels, every region's state (done and
+    by which file, ``all_background`` when its label has no foreground voxel, waiting, or closed unlabelled, and
+    its correction measures), the ``corrections`` of finished rounds (``alseg import --round N --replace``) and
+    per annotator their regions, voxels, corrected voxels, strokes and minutes (``annotators``). While the
+    experiment runs also ``in_progress``: ``{round, stage, detail, started_at, fraction, eta_seconds, updated_at,
+    pid}`` of the stage running now.
+
+    When to stop (:mod:`alseg.loop.stopping`): per round ``stability``, ``stability_per_class``,
+    ``stop_set_entropy``, ``dice_gain``, ``gain_below_min``, ``recommendation`` and ``rule`` (None before the
+    round's evaluate stage commits), and ``stopping``: the thresholds, the first round where stopping looks safe
+    and ``fg_eff_x95``, the budget at which the run's fitted curve is 95% of the way to its asymptote.
     """
     exp_dir = Path(exp_dir)
     if not (exp_dir / CONFIG_FILE).exists() or not (exp_dir / DB_FILE).exists():
@@ -102,12 +115,19 @@ def experiment_status(exp_dir: Path) -> dict[str, Any]:
     try:
         metrics = state.metrics()
         stages = state.stages()
+        stop_set = state.get_meta(STOP_SET_META)
         regions = state.regions()
+        costs = state.region_costs()
         annotation = None
         if cfg.oracle == "human":
-            from alseg.oracle.human import annotation_rows, waiting_round
+            from alseg.oracle.human import annotation_rows, annotator_summary, waiting_round
 
-            annotation = {"waiting_round": waiting_round(state), "regions": annotation_rows(state)}
+            annotation = {
+                "waiting_round": waiting_round(state),
+                "regions": annotation_rows(state),
+                "corrections": state.corrections(),
+                "annotators": annotator_summary(state),
+            }
     finally:
         state.close()
     in_progress = stage_in_progress(exp_dir)
@@ -118,6 +138,7 @@ def experiment_status(exp_dir: Path) -> dict[str, Any]:
         fg = [sum(v for v in (g.fg_voxels or {}).values()) for g in upto]
         m = metrics.get(r, {})
         cost = m.get("cost", {})
+        measured = [(g.round, costs[g.id]) for g in upto if g.id in costs]
         rows.append(
             {
                 "round": r,
@@ -126,6 +147,12 @@ def experiment_status(exp_dir: Path) -> dict[str, Any]:
                 "annotated_voxels": sum(g.n_voxels for g in upto),
                 "annotated_fg_voxels": sum(fg),
                 "fg_fraction": cost.get("fg_fraction"),
+                # correction cost (cumulative, and added this round) of the regions measured so far
+                "n_regions_measured": len(measured),
+                "corrected_voxels": sum(c["corrected_voxels"] for _, c in measured),
+                "strokes": sum(c["strokes"] for _, c in measured),
+                "corrected_voxels_added": sum(c["corrected_voxels"] for k, c in measured if k == r),
+                "strokes_added": sum(c["strokes"] for k, c in measured if k == r),
                 "dice_mean": m.get("dice_mean"),
                 "dice_per_class": m.get("dice_per_class", {}),
                 "dice2d_mean": m.get("dice2d_mean"),
@@ -134,6 +161,10 @@ def experiment_status(exp_dir: Path) -> dict[str, Any]:
                 "seconds": {s["stage"]: s["seconds"] for s in stages if s["round"] == r},
             }
         )
+    # when to stop (alseg.loop.stopping): None where a round has no signal yet
+    stop_rows, stopping = stopping_status(exp_dir, cfg, stages, metrics, json.loads(stop_set) if stop_set else None)
+    for row in rows:
+        row.update(stop_rows.get(row["round"], dict.fromkeys(STOPPING_ROUND_KEYS)))
     return {
         "experiment": str(exp_dir),
         "strategy": cfg.strategy,
@@ -143,6 +174,7 @@ def experiment_status(exp_dir: Path) -> dict[str, Any]:
         "rounds_planned": cfg.rounds,
         "complete": bool(rows) and len(rows) == cfg.rounds and "evaluate" in rows[-1]["stages_done"],
         "rounds": rows,
+        "stopping": stopping,
         **({"annotation": annotation} if annotation is not None else {}),
         **({"in_progress": in_progress} if in_progress is not None else {}),
     }

@@ -7,6 +7,10 @@ its case has been imported; regions of cases without a file stay *open*. The ann
 completes (training labels written, stage committed) when the next ``alseg query`` finds no region open, or
 is told to go on without them (``--allow-open``: the open regions are then closed unlabelled and never
 queried again).
+
+A correction of a finished round (``alseg import --round N --replace``) is recorded while a later round waits;
+that round's annotate stage rebuilds the training label of each corrected case from all its annotated regions'
+current files, so the next training uses the corrected labels (rounds already trained are not rebuilt).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 from alseg.data.dataset import Dataset
 from alseg.data.images import read_label_array, write_label_nifti
 from alseg.errors import ExperimentError
-from alseg.oracle.base import Annotation, Waiting
+from alseg.oracle.base import Annotation, ModelSegmentations, Waiting
 from alseg.oracle.package import export_work_package, package_dir
 from alseg.store.layout import DB_FILE, round_dir
 from alseg.store.state import ExperimentState, StoredRegion
@@ -41,19 +45,24 @@ class HumanOracle:
         state: ExperimentState,
         ignore_value: int,
         ground_truth: Callable[[str], np.ndarray] | None = None,
+        *,
+        segmentations: ModelSegmentations | None = None,
     ) -> None:
         self.dir = Path(exp_dir)
         self.ds = ds
         self.state = state
         self.ignore_value = ignore_value
+        self.segmentations = segmentations  # the prefill of the work package (None: prefill: false)
 
     def annotate(self, round_index: int, allow_open: bool = False) -> Annotation | Waiting:
         """Export the work package if it is missing. While regions are open (and ``allow_open`` is False) the
         round waits. Otherwise write the round's training labels: imported labels inside the annotated regions,
-        earlier rounds' labels kept, the ignore value elsewhere."""
+        earlier rounds' labels kept, the ignore value elsewhere. A case whose labels of a finished round were
+        corrected while this round waited (``alseg import --round N --replace``) is rebuilt instead: every
+        annotated region of the case, this round's included, from the file that labels it now."""
         r = round_index
         try:
-            exported = export_work_package(self.dir, self.state, self.ds, r)
+            exported = export_work_package(self.dir, self.state, self.ds, r, self.segmentations)
         except OSError as err:
             what = "the disk is full" if err.errno == errno.ENOSPC else "a write failed"
             raise ExperimentError(
@@ -67,6 +76,7 @@ class HumanOracle:
             return Waiting(r, package_dir(self.dir, r), open_ids, len(regions), exported)
         done = [g for g in regions if g.status == "annotated"]
         previous = self.state.latest_label_files(r - 1) if r > 0 else {}
+        corrected = sorted({c["case_id"] for c in self.state.corrections(at_round=r)})
         if not done and not previous:
             raise ExperimentError(
                 f"round {r}: none of its {len(regions)} regions is labelled and nothing was labelled before; "
@@ -77,9 +87,18 @@ class HumanOracle:
         by_case: dict[str, list[StoredRegion]] = defaultdict(list)
         for g in done:
             by_case[g.region.case_id].append(g)
+        if corrected:  # rebuilt from every annotated region of the case (earlier rounds' ones point to new files)
+            wanted = set(corrected)
+            by_case.update({c: [] for c in corrected})
+            for g in self.state.regions(max_round=r - 1, status="annotated"):
+                if g.region.case_id in wanted:
+                    by_case[g.region.case_id].append(g)
+            for g in done:
+                if g.region.case_id in wanted:
+                    by_case[g.region.case_id].append(g)
         for case_id in sorted(by_case):
             geo = self.ds.geometry(case_id)
-            if case_id in previous:
+            if case_id in previous and case_id not in corrected:
                 base = read_label_array(self.dir / previous[case_id])
             else:
                 dtype = np.uint8 if self.ignore_value < 256 else np.int16
@@ -95,6 +114,8 @@ class HumanOracle:
             files[case_id] = (str(path.relative_to(self.dir)), write_label_nifti(path, base, geo))
         closed = [g.id for g in open_]
         detail: dict[str, Any] = {"cases": len(files), "oracle": "human", "open_regions": closed}
+        if corrected:
+            detail["corrected_cases"] = corrected
         return Annotation(files, detail=detail, closed=closed)
 
 
@@ -121,13 +142,23 @@ def pending_annotation(exp_dir: Path) -> Waiting | None:
         state.close()
 
 
+def all_background(g: StoredRegion) -> bool:
+    """Whether an imported label marks the region all background: exact from the recorded foreground counts,
+    since an imported label holds declared values only (background or a foreground label, each counted)."""
+    return g.status == "annotated" and g.fg_voxels is not None and not any(int(n) for n in g.fg_voxels.values())
+
+
 def annotation_rows(state: ExperimentState) -> list[dict[str, Any]]:
-    """Every region with its annotation state: done (and by which file), waiting, or closed unlabelled."""
+    """Every region with its annotation state: done (and by which file), ``done (all background)`` when its
+    imported label has no foreground voxel (``all_background``), waiting, or closed unlabelled; once imported,
+    its ``annotator``, ``corrected_voxels``, ``strokes`` and the ``prefill`` they were measured against."""
     files = {f["path"]: f for f in state.imported_files()}
+    costs = state.region_costs()
     rows = []
     for g in state.regions():
+        empty = all_background(g)
         if g.status == "annotated":
-            state_name = "done"
+            state_name = "done (all background)" if empty else "done"
         elif state.stage_done(g.round, "annotate"):
             state_name = "closed unlabelled"
         else:
@@ -141,9 +172,43 @@ def annotation_rows(state: ExperimentState) -> list[dict[str, Any]]:
                 "start": list(g.region.box.start),
                 "size": list(g.region.box.size),
                 "state": state_name,
+                "all_background": empty,
                 "file": g.annotated_by,
                 "source": None if f is None else f["source"],
                 "sha256": None if f is None else f["sha256"],
+                **{k: costs.get(g.id, {}).get(k) for k in ("annotator", "corrected_voxels", "strokes", "prefill")},
             }
         )
     return rows
+
+
+def annotator_summary(state: ExperimentState) -> list[dict[str, Any]]:
+    """Per annotator, from the regions they labelled now (a region corrected by someone else counts for them)
+    and every import they made: ``regions``, ``voxels``, ``fg_voxels``, ``corrected_voxels``, ``strokes``,
+    ``imports``, ``minutes`` (the sum of the minutes given, None if no import gave any) and
+    ``imports_without_minutes``."""
+    out: dict[str, dict[str, Any]] = {}
+
+    def entry(name: str) -> dict[str, Any]:
+        keys = ("regions", "voxels", "fg_voxels", "corrected_voxels", "strokes", "imports", "imports_without_minutes")
+        return out.setdefault(name, {"annotator": name, **dict.fromkeys(keys, 0), "minutes": None})
+
+    costs = state.region_costs()
+    for g in state.regions(status="annotated"):
+        c = costs.get(g.id)
+        if c is None:  # imported before alseg measured corrections
+            continue
+        e = entry(str(c["annotator"]))
+        e["regions"] += 1
+        e["voxels"] += g.n_voxels
+        e["fg_voxels"] += sum(int(n) for n in (g.fg_voxels or {}).values())
+        e["corrected_voxels"] += int(c["corrected_voxels"])
+        e["strokes"] += int(c["strokes"])
+    for imp in state.imports():
+        e = entry(str(imp["annotator"]))
+        e["imports"] += 1
+        if imp["minutes"] is None:
+            e["imports_without_minutes"] += 1
+        else:
+            e["minutes"] = (e["minutes"] or 0.0) + float(imp["minutes"])
+    return [out[name] for name in sorted(out)]

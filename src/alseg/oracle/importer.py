@@ -3,6 +3,14 @@
 Every file is checked before anything changes. The files are then copied into ``rounds/NNN/imported/``
 (content-addressed names, atomic writes) and recorded, with the regions they annotate, in one SQLite
 transaction, so an error (a full disk included) or a kill leaves the experiment as it was.
+
+``--round N --replace`` corrects the labels of cases of a finished round N (its annotate stage done) while a
+later round waits for labels: the same checks, the earlier file kept (superseded), the correction recorded, and
+the waiting round's annotate stage rebuilds the training labels of the corrected cases
+(:meth:`alseg.oracle.human.HumanOracle.annotate`). Metrics recorded before stay as they were.
+
+The same transaction records the annotator, the minutes and each region's correction measures against the
+work package's prefill (:mod:`alseg.oracle.import_costs`); a correction replaces the region's measures.
 """
 
 from __future__ import annotations
@@ -22,30 +30,20 @@ from alseg.config import load_config
 from alseg.data.dataset import Dataset, load_dataset
 from alseg.data.images import (
     DatasetError,
-    Geometry,
-    check_integrity,
-    count_nonfinite,
-    label_array,
-    open_error,
-    open_reader,
     sha256_file,
 )
 from alseg.data.regions import annotated_mask
-from alseg.errors import AlsegError, ExperimentError
+from alseg.durable import fsync_dir
+from alseg.errors import ExperimentError
+from alseg.evaluation.correction import RegionCost
 from alseg.oracle.human import waiting_round
+from alseg.oracle.import_costs import annotator_name, check_minutes, measure_regions
+from alseg.oracle.label_files import AnnotationImportError, check_label_file, label_ending, list_label_files
 from alseg.store.layout import CONFIG_FILE, DB_FILE, fault_point, log, round_dir, setup_logging
 from alseg.store.state import ExperimentState, StoredRegion, experiment_lock
 
 IMPORTED_DIR = "imported"
-LABEL_ENDINGS = (".nii.gz", ".nii")
-
-
-class AnnotationImportError(AlsegError, ValueError):
-    """Label files that cannot be imported; ``problems`` lists every problem found. Nothing was changed."""
-
-    def __init__(self, message: str, problems: Sequence[str] | None = None) -> None:
-        super().__init__(message)
-        self.problems = list(problems) if problems is not None else [message]
+__all__ = ["AnnotationImportError", "ImportReport", "import_labels"]
 
 
 @dataclass
@@ -58,10 +56,18 @@ class ImportReport:
     open_regions: list[tuple[int, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: a correction (``--round N --replace``): the waiting round whose annotate stage rebuilds the training labels
+    rebuilt_at: int | None = None
+    annotator: str = ""  # recorded with the import, with the minutes spent (None: not given)
+    minutes: float | None = None
 
     @property
     def changed(self) -> bool:
         return bool(self.imported)
+
+    @property
+    def correction(self) -> bool:
+        return self.rebuilt_at is not None
 
 
 @dataclass
@@ -73,6 +79,7 @@ class _Planned:
     fg_voxels: dict[int, dict[str, int]]  # region id -> {label: voxels}
     n_outside: int
     replaces: dict[str, Any] | None
+    costs: dict[int, RegionCost] = field(default_factory=dict)  # region id -> corrected voxels, strokes
 
 
 def _copy_file(src: Path, dst: Path) -> None:
@@ -84,106 +91,41 @@ def _copy_file(src: Path, dst: Path) -> None:
             fo.flush()
             os.fsync(fo.fileno())
         os.replace(tmp, dst)
+        fsync_dir(dst.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
-def _label_ending(name: str) -> str | None:
-    low = name.lower()
-    return next((e for e in LABEL_ENDINGS if low.endswith(e) and len(name) > len(e)), None)
-
-
-def list_label_files(labels_dir: Path, exp_dir: Path) -> tuple[dict[str, Path], list[str], list[str]]:
-    """``{case_id: file}`` of a labels folder, the problems found and notes.
-
-    Only files directly inside the folder are read: hidden files and subfolders are skipped, and a link that
-    resolves outside the folder is refused (copy the file in instead). The folder must lie outside the
-    experiment folder (alseg keeps its own copies there).
-    """
-    labels_dir = Path(labels_dir)
-    if not labels_dir.exists():
-        raise AnnotationImportError(f"labels folder {labels_dir} does not exist")
-    if not labels_dir.is_dir():
-        raise AnnotationImportError(f"{labels_dir} is not a folder; expected a folder of {{case_id}}.nii.gz files")
-    real = labels_dir.resolve()
-    exp_real = Path(exp_dir).resolve()
-    if real == exp_real or real.is_relative_to(exp_real):
-        raise AnnotationImportError(
-            f"labels folder {labels_dir} lies inside the experiment {exp_dir} ({real.relative_to(exp_real)}); "
-            "expected a folder of your own outside it"
-        )
-    files: dict[str, Path] = {}
-    problems: list[str] = []
-    notes: list[str] = []
-    for entry in sorted(labels_dir.iterdir()):
-        if entry.name.startswith("."):
-            continue
-        if entry.is_dir():
-            notes.append(f"{entry}: subfolder skipped (only files directly in {labels_dir} are imported)")
-            continue
-        ending = _label_ending(entry.name)
-        if ending is None:
-            problems.append(f"{entry}: not a NIfTI file name; expected label files named {{case_id}}.nii.gz")
-            continue
-        if entry.is_symlink():
-            target = entry.resolve()
-            if not target.is_relative_to(real):
-                problems.append(f"{entry}: a link to {target}, outside {labels_dir}; copy the file into the folder")
-                continue
-        if not entry.is_file():
-            problems.append(f"{entry}: not a regular file (a broken link?)")
-            continue
-        case_id = entry.name[: -len(ending)]
-        if case_id in files:
-            problems.append(f"{entry}: case {case_id!r} has two label files ({files[case_id].name}); expected one")
-            continue
-        files[case_id] = entry
-    if not files and not problems:
-        raise AnnotationImportError(f"labels folder {labels_dir} holds no label files; expected {{case_id}}.nii.gz")
-    return files, problems, notes
-
-
-def check_label_file(path: Path, expected: Geometry, labels: dict[int, str], case_id: str) -> np.ndarray:
-    """Read a label file and check it against the case's image; :class:`DatasetError` on any problem.
-
-    Checks: complete gzip/NIfTI data, a readable scalar image, integer values (floats only when whole, never
-    NaN), the geometry of the image (shape, spacing, origin, direction within 1e-4) and declared values only.
-    """
-    check_integrity(path)
-    try:
-        image = open_reader(path).Execute()
-    except RuntimeError as exc:
-        raise open_error(path, exc) from exc
-    if count_nonfinite(path):
-        raise DatasetError(f"{path}: label contains NaN/inf values; expected integer label values")
-    geo = Geometry.from_sitk(image)
-    if not geo.matches(expected):
-        raise DatasetError(
-            f"{path}: geometry differs from the image of case {case_id!r}: {geo.difference(expected)} "
-            "(label vs image); expected the label on the image's own grid"
-        )
-    arr = label_array(path, image)
-    present = np.unique(arr)
-    undeclared = sorted(int(v) for v in present if int(v) not in labels)
-    if undeclared:
-        raise DatasetError(
-            f"{path}: undeclared label values {undeclared[:10]}; expected values in "
-            f"{{{', '.join(f'{k}: {v}' for k, v in labels.items())}}}"
-        )
-    return arr
-
-
-def import_labels(exp_dir: Path, labels_dir: Path, *, strict: bool = False, replace: bool = False) -> ImportReport:
+def import_labels(
+    exp_dir: Path,
+    labels_dir: Path,
+    *,
+    strict: bool = False,
+    replace: bool = False,
+    round_index: int | None = None,
+    annotator: str | None = None,
+    minutes: float | None = None,
+) -> ImportReport:
     """Import annotators' label files into the round that waits for labels.
 
     Every file is checked before anything changes (see :func:`list_label_files` and :func:`check_label_file`);
     a file must belong to a case of the waiting round. Labelled voxels outside the requested regions are
-    ignored with a warning (``strict``: refused). A file identical to the one imported before for its case
+    ignored with a warning (``strict``: refused). A region whose label is all background (0) is imported with a
+    warning (``strict``: the file is refused). A file identical to the one imported before for its case
     changes nothing; a different one needs ``replace`` (the old copy is kept). Then the files are copied into
     ``rounds/NNN/imported/`` and recorded, with the regions they annotate, in one transaction. Any error
     (disk full included) leaves the experiment as it was.
+
+    ``round_index`` (with ``replace``) corrects the labels of cases of that finished round instead: each file
+    must belong to a case labelled in that round; the correction is recorded and the round waiting for labels
+    rebuilds the training labels of the corrected cases. Refused when the round is not finished or no later
+    round waits for labels (no training would use the correction).
+
+    ``annotator`` (default: the login name) and ``minutes`` (the time spent on these files, >= 0, or None) are
+    recorded with the import; each region's corrected voxels and strokes against its prefill too.
     """
+    who, spent = annotator_name(annotator), check_minutes(minutes)
     exp_dir = Path(exp_dir)
     if not (exp_dir / CONFIG_FILE).is_file() or not (exp_dir / DB_FILE).is_file():
         raise ExperimentError(f"{exp_dir} is not an alseg experiment (no {CONFIG_FILE} / {DB_FILE})")
@@ -197,25 +139,82 @@ def import_labels(exp_dir: Path, labels_dir: Path, *, strict: bool = False, repl
         state = ExperimentState(exp_dir / DB_FILE)
         try:
             ds = load_dataset(cfg.dataset, require_labels=False)
-            return _import(exp_dir, state, ds, Path(labels_dir), strict, replace)
+            report = ImportReport(None, annotator=who, minutes=spent)
+            return _import(exp_dir, state, ds, Path(labels_dir), strict, replace, round_index, cfg.rounds, report)
         finally:
             state.close()
             log.removeHandler(handler)
             handler.close()
 
 
+def _rounds_text(rounds: Sequence[int]) -> str:
+    return ", ".join(map(str, rounds)) if rounds else "none"
+
+
+def _check_correction(
+    exp_dir: Path, state: ExperimentState, n: int, replace: bool, waiting: int | None, rounds_planned: int
+) -> None:
+    """``--round N``: refuse (changing nothing) unless N is a finished round, ``--replace`` is given and a later
+    round waits for labels (its annotate stage is the next one, which rebuilds the corrected training labels)."""
+    rounds = sorted({g.round for g in state.regions()})
+    finished = [k for k in rounds if state.stage_done(k, "annotate")]
+    if n not in rounds:
+        raise AnnotationImportError(
+            f"--round {n}: {exp_dir} has no round {n} (rounds with regions: {_rounds_text(rounds)}); "
+            f"finished rounds whose labels can be corrected: {_rounds_text(finished)}"
+        )
+    if n not in finished:
+        raise AnnotationImportError(
+            f"--round {n}: round {n} is not finished: its regions wait for labels; import its files without "
+            f"--round (`alseg import {exp_dir} LABELS_DIR`, with --replace for a changed file)"
+        )
+    if not replace:
+        raise AnnotationImportError(
+            f"--round {n}: round {n} is finished; correcting its labels replaces them: pass --replace as well "
+            f"(`alseg import {exp_dir} LABELS_DIR --round {n} --replace`)"
+        )
+    if waiting is None:
+        if state.stage_done(rounds_planned - 1, "evaluate"):
+            why = "the experiment is complete"
+        else:
+            why = f"no round waits for labels (an interrupted `alseg query`? run `alseg query {exp_dir}` first)"
+        raise AnnotationImportError(
+            f"--round {n}: {why}; a correction is used by the next round's training, so it is imported while a "
+            "later round waits for labels"
+        )
+
+
 def _import(
-    exp_dir: Path, state: ExperimentState, ds: Dataset, labels_dir: Path, strict: bool, replace: bool
+    exp_dir: Path,
+    state: ExperimentState,
+    ds: Dataset,
+    labels_dir: Path,
+    strict: bool,
+    replace: bool,
+    round_index: int | None = None,
+    rounds_planned: int = 0,
+    report: ImportReport | None = None,
 ) -> ImportReport:
+    waiting = waiting_round(state)
+    correcting = round_index is not None
+    if correcting:
+        assert round_index is not None
+        _check_correction(exp_dir, state, round_index, replace, waiting, rounds_planned)
     files, problems, notes = list_label_files(labels_dir, exp_dir)
-    r = waiting_round(state)
-    report = ImportReport(r, notes=notes)
+    r = round_index if correcting else waiting
+    report = report or ImportReport(None, annotator=annotator_name(None))
+    report.round_index, report.rebuilt_at = r, waiting if correcting else None
+    report.notes.extend(notes)
     regions = state.regions(round_index=r) if r is not None else []
     by_case: dict[str, list[StoredRegion]] = defaultdict(list)
     for g in regions:
         by_case[g.region.case_id].append(g)
     current = {f["case_id"]: f for f in state.imported_files(round_index=r, current_only=True)} if r is not None else {}
     earlier = {(f["case_id"], f["sha256"]): f["round"] for f in state.imported_files()}
+    labelled_in: dict[str, list[int]] = defaultdict(list)  # case -> the rounds it was labelled in
+    for f in state.imported_files(current_only=True):
+        labelled_in[f["case_id"]].append(f["round"])
+    again = f"--round {r} --replace" if correcting else "--replace"
     plan: list[_Planned] = []
     for case_id, path in files.items():
         try:
@@ -226,9 +225,23 @@ def _import(
         if case_id not in by_case:
             if (case_id, sha) in earlier:
                 report.notes.append(f"{path}: imported before (round {earlier[(case_id, sha)]}); skipped")
+            elif correcting:
+                kind = "has no regions in" if case_id in ds.case_ids else "is not a case of the dataset, nor in"
+                problems.append(
+                    f"{path}: case {case_id!r} {kind} round {r}; round {r} has regions of {', '.join(sorted(by_case))}"
+                )
             elif r is None:
                 problems.append(
                     f"{path}: no round waits for labels (run `alseg query {exp_dir}` to export the next round)"
+                )
+            elif labelled_in.get(case_id):
+                done = sorted(set(labelled_in[case_id]))
+                if len(done) == 1:
+                    how = f"in round {done[0]}: to correct those labels pass `--round {done[0]} --replace`"
+                else:
+                    how = f"in rounds {_rounds_text(done)}: to correct one, pass `--round N --replace` with its N"
+                problems.append(
+                    f"{path}: case {case_id!r} is not in round {r}, the round waiting for labels; it was labelled {how}"
                 )
             else:
                 kind = "in the round's work package" if case_id in ds.case_ids else "a case of the dataset"
@@ -237,6 +250,13 @@ def _import(
                 )
             continue
         old = current.get(case_id)
+        if correcting and old is None:
+            ids = [g.id for g in by_case[case_id]]
+            problems.append(
+                f"{path}: the regions {ids} of case {case_id!r} in round {r} were closed unlabelled (--allow-open); "
+                "they cannot be labelled any more"
+            )
+            continue
         if old is not None and old["sha256"] == sha:
             report.unchanged.append(case_id)
             continue
@@ -253,25 +273,42 @@ def _import(
             continue
         inside = annotated_mask(arr.shape, [g.region.box for g in by_case[case_id]])
         n_outside = int(np.count_nonzero(arr[~inside]))
+        refused = False
         if n_outside:
             msg = f"{path}: case {case_id!r} has {n_outside} labelled voxels outside its requested regions"
             if strict:
                 problems.append(msg + " (--strict refuses them)")
-                continue
-            report.warnings.append(msg + "; they are ignored")
+                refused = True
+            else:
+                report.warnings.append(msg + "; they are ignored")
         for g in by_case[case_id]:
+            # every value is a declared label, so "no foreground label inside the box" is "all 0"
             if not np.any(arr[g.region.box.slices()]):
-                report.notes.append(f"{path}: region {g.id} of {case_id!r} is all background (0)")
+                msg = f"{path}: region {g.id} of case {case_id!r} (round {r}) is all background (0)"
+                if strict:
+                    problems.append(msg + " (--strict refuses it)")
+                    refused = True
+                else:
+                    report.warnings.append(
+                        msg + f"; imported as background: if it was forgotten, label it and import the file again "
+                        f"with {again}"
+                    )
+        if refused:
+            continue
         fg = {
             g.id: {str(lab): int(np.count_nonzero(arr[g.region.box.slices()] == lab)) for lab in ds.foreground_labels}
             for g in by_case[case_id]
         }
-        plan.append(_Planned(case_id, path, sha, by_case[case_id], fg, n_outside, old))
+        assert r is not None  # the case has regions in round r
+        costs, warning = measure_regions(exp_dir, r, case_id, path, arr, by_case[case_id])
+        report.warnings += [warning] if warning else []
+        plan.append(_Planned(case_id, path, sha, by_case[case_id], fg, n_outside, old, costs))
     if problems:
         head = f"nothing imported: {len(problems)} problem(s) in {labels_dir}:\n"
         raise AnnotationImportError(head + "\n".join(f"  - {p}" for p in problems), problems)
-    covered = set(current) | {p.case_id for p in plan}
-    report.open_regions = [(g.id, g.region.case_id) for g in regions if g.region.case_id not in covered]
+    if not correcting:
+        covered = set(current) | {p.case_id for p in plan}
+        report.open_regions = [(g.id, g.region.case_id) for g in regions if g.region.case_id not in covered]
     if not plan:
         return report
     assert r is not None
@@ -293,7 +330,7 @@ def _commit_import(exp_dir: Path, state: ExperimentState, r: int, plan: list[_Pl
         dest_dir.mkdir(parents=True, exist_ok=True)
         dests: dict[str, str] = {}
         for i, p in enumerate(plan):
-            ending = _label_ending(p.source.name) or ".nii.gz"
+            ending = label_ending(p.source.name) or ".nii.gz"
             dest = dest_dir / f"{p.case_id}.{p.sha256[:16]}{ending}"
             if not (dest.is_file() and sha256_file(dest) == p.sha256):
                 copy_label_file(p.source, dest)
@@ -305,14 +342,21 @@ def _commit_import(exp_dir: Path, state: ExperimentState, r: int, plan: list[_Pl
                 fault_point("import.copied", r)
         fault_point("import.before_commit", r)
         with state.transaction() as conn:
+            import_id = state.add_import(conn, r, report.annotator, report.minutes, len(plan))
             for p in plan:
                 new_id = state.add_imported_file(
                     conn, r, p.case_id, dests[p.case_id], p.sha256, str(p.source.resolve()), p.n_outside
                 )
                 if p.replaces is not None:
                     state.replace_imported_file(conn, p.replaces["id"], new_id)
+                    if report.rebuilt_at is not None:
+                        state.add_correction(conn, r, p.case_id, p.replaces["id"], new_id, report.rebuilt_at)
                 for g in p.regions:
                     state.mark_annotated(conn, g.id, p.fg_voxels[g.id], dests[p.case_id])
+                    c = p.costs[g.id]
+                    state.set_region_cost(
+                        conn, g.id, c.corrected_voxels, c.strokes, c.prefill, report.annotator, import_id
+                    )
     except BaseException as err:
         for path in created:
             path.unlink(missing_ok=True)
@@ -333,9 +377,20 @@ def _commit_import(exp_dir: Path, state: ExperimentState, r: int, plan: list[_Pl
             }
         )
         for w in report.warnings:
-            if w.startswith(f"{p.source}:"):
-                log.warning("round %d: %s", r, w)
-    log.info("round %d: imported %d label files: %s", r, len(plan), [p.case_id for p in plan])
+            if w.startswith(f"{p.source}:"):  # the command line prints them once: here the log file only
+                log.warning("round %d: %s", r, w, extra={"file_only": True})
+    if report.rebuilt_at is not None:
+        log.info(
+            "round %d: corrected the labels of %d cases: %s (replacing %s); round %d's annotate stage rebuilds their "
+            "training labels; the metrics recorded so far stay",
+            r,
+            len(plan),
+            [p.case_id for p in plan],
+            [p.replaces["path"] for p in plan if p.replaces is not None],
+            report.rebuilt_at,
+        )
+    else:
+        log.info("round %d: imported %d label files: %s", r, len(plan), [p.case_id for p in plan])
 
 
 #: the function that writes an imported file (a module attribute so that tests can simulate a full disk)

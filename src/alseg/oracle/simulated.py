@@ -1,4 +1,9 @@
-"""The simulated oracle: the dataset's ground truth inside the round's regions, the ignore value elsewhere."""
+"""The simulated oracle: the dataset's ground truth inside the round's regions, the ignore value elsewhere.
+
+It also measures what a person correcting the prefill would change (:mod:`alseg.evaluation.correction`): from
+round 1 on, unless ``prefill: false``, against the previous round's model prediction inside the round's regions;
+otherwise against background. The training labels are the ground truth either way.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,10 @@ from tqdm import tqdm
 
 from alseg.data.dataset import Dataset
 from alseg.data.labels import partial_label, write_label_nifti
+from alseg.data.prefill import PREFILL_MODEL, PREFILL_NONE, prefill_label
 from alseg.data.regions import Box, annotated_mask
-from alseg.oracle.base import Annotation, Waiting
+from alseg.evaluation.correction import RegionCost, correction_cost
+from alseg.oracle.base import Annotation, ModelSegmentations, Waiting, checked_segmentations
 from alseg.store.layout import round_dir
 from alseg.store.state import ExperimentState
 
@@ -30,15 +37,19 @@ class SimulatedOracle:
         state: ExperimentState,
         ignore_value: int,
         ground_truth: Callable[[str], np.ndarray],
+        *,
+        segmentations: ModelSegmentations | None = None,
     ) -> None:
         self.dir = Path(exp_dir)
         self.ds = ds
         self.state = state
         self.ignore_value = ignore_value
         self.ground_truth = ground_truth
+        self.segmentations = segmentations
 
     def annotate(self, round_index: int, allow_open: bool = False) -> Annotation | Waiting:
-        """For each case with a region this round: the ground truth inside every region of the case so far."""
+        """For each case with a region this round: the ground truth inside every region of the case so far;
+        the correction cost of each region of the round against its prefill."""
         r = round_index
         chosen = self.state.regions(round_index=r)
         boxes: dict[str, list[Box]] = {}
@@ -47,16 +58,25 @@ class SimulatedOracle:
         label_dir = round_dir(self.dir, r) / "labels"
         files: dict[str, tuple[str, str]] = {}
         fg: dict[int, dict[str, int]] = {}
-        for case_id in tqdm(
-            sorted({sr.region.case_id for sr in chosen}), desc=f"round {r}: annotate", unit="case", leave=False
-        ):
+        costs: dict[int, RegionCost] = {}
+        cases = sorted({sr.region.case_id for sr in chosen})
+        kind = PREFILL_MODEL if r > 0 and self.segmentations is not None else PREFILL_NONE
+        predicted = None
+        if kind == PREFILL_MODEL and self.segmentations is not None:
+            predicted = checked_segmentations(self.segmentations, r - 1, cases, self.ds)
+        for case_id in tqdm(cases, desc=f"round {r}: annotate", unit="case", leave=False):
             gt = self.ground_truth(case_id)
+            mine = [sr for sr in chosen if sr.region.case_id == case_id]
+            prefill = None
+            if predicted is not None:
+                prefill = prefill_label(next(predicted), [sr.region.box for sr in mine], self.ds.labels)
             mask = annotated_mask(gt.shape, boxes[case_id])
             path = label_dir / f"{case_id}.nii.gz"
             sha = write_label_nifti(path, partial_label(gt, mask, self.ignore_value), self.ds.geometry(case_id))
             files[case_id] = (str(path.relative_to(self.dir)), sha)
-            for sr in chosen:
-                if sr.region.case_id == case_id:
-                    sel = gt[sr.region.box.slices()]
-                    fg[sr.id] = {str(lab): int(np.count_nonzero(sel == lab)) for lab in self.ds.foreground_labels}
-        return Annotation(files, fg, "simulated", {"cases": len(files)})
+            for sr in mine:
+                sel = gt[sr.region.box.slices()]
+                fg[sr.id] = {str(lab): int(np.count_nonzero(sel == lab)) for lab in self.ds.foreground_labels}
+                costs[sr.id] = correction_cost(gt, prefill, sr.region.box, kind)
+        detail = {"cases": len(files), "prefill": kind}
+        return Annotation(files, fg, "simulated", detail, costs=costs)

@@ -24,6 +24,7 @@ from alseg.report.compare import AubcX, Comparison, compare, format_mean_std, wr
 from alseg.report.gallery import render_gallery
 from alseg.report.plots import cost_figure, learning_curves_figure, metrics_figure, ppm_figure, strategy_colors
 from alseg.report.results import Results, load_results
+from alseg.report.stopping import stopping_section
 
 __all__ = ["SECTIONS", "build_report", "render_html", "write_figures"]
 
@@ -35,6 +36,7 @@ SECTIONS = [
     ("ppm", "Pairwise penalty matrix"),
     ("summary-table", "Summary table"),
     ("rankings", "Rankings"),
+    ("when-to-stop", "When to stop"),
     ("queried-regions", "Queried regions"),
 ]
 
@@ -159,7 +161,8 @@ def _section_experiments(cmp: Comparison) -> str:
         left=2,
         row_classes=classes,
     )
-    return out + "".join(_note(n) for n in cmp.notes)
+    corrected = [f"{e.name}: {c}" for e in res.experiments for c in e.corrections]
+    return out + "".join(_note(n) for n in [*cmp.notes, *corrected])
 
 
 def _section_curves(cmp: Comparison, colors: dict, labels: dict[str, str]) -> tuple[str, int]:
@@ -395,6 +398,7 @@ def render_html(cmp: Comparison, title: str = "Active-learning report") -> str:
         "ppm": ppm,
         "summary-table": _section_summary(cmp),
         "rankings": _section_rankings(cmp),
+        "when-to-stop": stopping_section(res),
         "queried-regions": gallery,
     }
     now = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")

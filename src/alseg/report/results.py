@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 
 from alseg.config import ExperimentConfig, load_config
-from alseg.loop.full_data import FULL_DATA_META
-from alseg.store.layout import CONFIG_FILE, DB_FILE
+from alseg.errors import AlsegError
+from alseg.store.layout import CONFIG_FILE, DB_FILE, FULL_DATA_META
 
 __all__ = [
     "ExperimentRecord",
@@ -82,7 +82,7 @@ REGION_COLUMNS = [
 ]
 
 
-class ReportError(ValueError):
+class ReportError(AlsegError, ValueError):
     """A directory cannot be read as an experiment; the message names it and says why."""
 
 
@@ -131,6 +131,8 @@ class ExperimentRecord:
     rounds_evaluated: tuple[int, ...]
     foreground_labels: tuple[str, ...]
     pool_fg_voxels: dict[str, int] = field(default_factory=dict)
+    #: labels of finished rounds corrected later (``alseg import --round N --replace``), one sentence each
+    corrections: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -257,6 +259,9 @@ def load_experiment(exp_dir: Path, full_data: bool | None = None) -> tuple[Exper
             "SELECT id, round, case_id, box_start, box_size, score, strategy, status, n_voxels, fg_voxels "
             "FROM regions ORDER BY round, id",
         )
+        correction_rows = _query(
+            conn, "SELECT round, case_id, at_round, corrected_at FROM corrections ORDER BY round, case_id, id"
+        )
     except sqlite3.DatabaseError as err:
         raise ReportError(f"{exp_dir / DB_FILE}: cannot read the experiment database ({err})") from None
     finally:
@@ -278,6 +283,7 @@ def load_experiment(exp_dir: Path, full_data: bool | None = None) -> tuple[Exper
         rounds_evaluated=tuple(sorted(metrics)),
         foreground_labels=tuple(labels),
         pool_fg_voxels=pool_fg,
+        corrections=_correction_notes(correction_rows),
     )
     ident = {
         "experiment": str(exp_dir),
@@ -331,6 +337,22 @@ def load_experiment(exp_dir: Path, full_data: bool | None = None) -> tuple[Exper
         for rid, rnd, cid, start, size, score, strat, status, nvox, fg in region_rows
     ]
     return record, rows, regions
+
+
+def _correction_notes(rows: Sequence[tuple[Any, ...]]) -> tuple[str, ...]:
+    """One sentence per corrected (round, case): the metrics of the rounds before the correction's round came
+    from models trained on the earlier labels."""
+    latest: dict[tuple[int, str], tuple[int, str]] = {}
+    for rnd, cid, at, when in rows:  # a case corrected twice: the last one
+        latest[(int(rnd), str(cid))] = (int(at), str(when))
+    out = []
+    for (rnd, cid), (at, when) in sorted(latest.items()):
+        before = f"round {rnd}" if at - 1 == rnd else f"rounds {rnd}–{at - 1}"
+        out.append(
+            f"labels of case {cid} in round {rnd} were corrected at round {at} ({when} UTC): the metrics of "
+            f"{before} come from models trained on the earlier labels"
+        )
+    return tuple(out)
 
 
 def _label_order(lab: str) -> tuple[int, str]:

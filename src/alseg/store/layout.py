@@ -8,7 +8,8 @@ One experiment is one directory::
     progress.json        the stage running now, while a run holds the experiment (``PROGRESS_FILE``)
     nnunet/              the backend's frozen plans
     rounds/NNN/          query.json, labels/ (partial labels of the cases changed this round),
-                         model/ (the trained model), evaluation.json; with the human oracle also
+                         model/ (the trained model), evaluation.json, stop_set.npz (the model's
+                         segmentations of the stop set, ``alseg.loop.stopping``); with the human oracle also
                          to_annotate/ (the work package) and imported/ (the annotators' files)
 
 Everything that reads or writes an experiment (the loop, the oracles, the report, ``alseg status``) takes its
@@ -28,6 +29,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from alseg.durable import fsync_dir
 from alseg.evaluation.metrics import json_safe
 
 CONFIG_FILE = "config.yaml"
@@ -36,6 +38,12 @@ LOG_FILE = "alseg.log"
 PROGRESS_FILE = "progress.json"  # the stage running now (see loop.progress.StageProgress); absent between runs
 STAGES = ("query", "annotate", "train", "evaluate")
 KILL_ENV = "ALSEG_KILL_AT"
+# keys of the state database's meta table that more than one package reads
+FULL_DATA_META = "full_data"  # marks a full-data reference run (alseg.loop.full_data); the report reads it
+FINGERPRINT_META = "dataset_fingerprint"  # the dataset's files at creation (alseg.data.fingerprint), kept current
+CHANGES_META = "dataset_changes"  # JSON list: every accepted change of the dataset, and every move
+STOP_SET_META = "stop_set"  # JSON list: the stop set's case ids, stored at first use (alseg.loop.stopping)
+STOP_SET_FILE = "stop_set.npz"  # rounds/NNN/: the round model's uint8 segmentation of each stop-set case
 
 log = logging.getLogger("alseg")
 
@@ -68,6 +76,7 @@ def write_text_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -78,6 +87,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 class _TerminalHandler(logging.Handler):
@@ -103,7 +113,7 @@ class _Handlers(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.file.handle(record)
-        if record.levelno >= self.terminal.level:
+        if record.levelno >= self.terminal.level and not getattr(record, "file_only", False):
             self.terminal.handle(record)
 
     def close(self) -> None:
@@ -129,3 +139,65 @@ def say(message: str) -> None:
     """One line on the terminal (stderr, above any progress bar) and in ``alseg.log``."""
     tqdm.write(message, file=sys.stderr)
     log.info(message)
+
+
+def log_failure(err: BaseException) -> None:
+    """The traceback of a failure in ``alseg.log`` only; the command line prints the message alone."""
+    log.error("stopped: %s", err, exc_info=err, extra={"file_only": True})
+
+
+#: file systems on which SQLite's write-ahead log and ``flock`` are not reliable (SQLite's and Lustre's docs)
+NETWORK_FILESYSTEMS = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "lustre",
+        "gpfs",
+        "beegfs",
+        "ceph",
+        "glusterfs",
+        "fuse.glusterfs",
+        "fuse.sshfs",
+        "fuse.s3fs",
+        "9p",
+        "afs",
+        "panfs",
+        "ocfs2",
+    }
+)
+
+
+def filesystem_type(path: Path, mounts: str | None = None) -> str | None:
+    """The type of the file system holding ``path`` (from ``/proc/mounts``), or None where it is unknown."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return None
+    target = Path(path).resolve()
+    best, kind = -1, None
+    for line in mounts.splitlines():
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mount_point = Path(parts[1].replace("\\040", " "))
+        if (target == mount_point or mount_point in target.parents) and len(str(mount_point)) > best:
+            best, kind = len(str(mount_point)), parts[2]
+    return kind
+
+
+def warn_if_network_filesystem(exp_dir: Path, mounts: str | None = None) -> str | None:
+    """Warn (log and terminal) when an experiment folder lies on a network file system; return its type."""
+    kind = filesystem_type(Path(exp_dir).parent if not Path(exp_dir).exists() else Path(exp_dir), mounts)
+    if kind in NETWORK_FILESYSTEMS:
+        log.warning(
+            "%s lies on a network file system (%s): SQLite's write-ahead log and file locks are not reliable "
+            "there; keep experiment folders on a local disk",
+            exp_dir,
+            kind,
+        )
+        return kind
+    return None

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from alseg.data.regions import Box, Region
+from alseg.errors import AlsegError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -39,10 +40,24 @@ CREATE TABLE IF NOT EXISTS imported_files (
     id INTEGER PRIMARY KEY AUTOINCREMENT, round INTEGER NOT NULL, case_id TEXT NOT NULL, path TEXT NOT NULL,
     sha256 TEXT NOT NULL, source TEXT NOT NULL, n_outside INTEGER NOT NULL DEFAULT 0,
     replaced_by INTEGER, imported_at TEXT DEFAULT (datetime('now')));
+CREATE TABLE IF NOT EXISTS corrections (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, round INTEGER NOT NULL, case_id TEXT NOT NULL,
+    old_file INTEGER NOT NULL, new_file INTEGER NOT NULL, at_round INTEGER NOT NULL,
+    corrected_at TEXT DEFAULT (datetime('now')));
+CREATE TABLE IF NOT EXISTS imports (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, round INTEGER NOT NULL, annotator TEXT NOT NULL, minutes REAL,
+    n_files INTEGER NOT NULL, imported_at TEXT DEFAULT (datetime('now')));
+CREATE TABLE IF NOT EXISTS region_costs (
+    region_id INTEGER PRIMARY KEY, corrected_voxels INTEGER NOT NULL, strokes INTEGER NOT NULL,
+    prefill TEXT NOT NULL CHECK (prefill IN ('model', 'none')), annotator TEXT NOT NULL, import_id INTEGER);
 """
 
 
-class ExperimentLockedError(RuntimeError):
+class ExperimentStateError(AlsegError, RuntimeError):
+    """The experiment's SQLite database cannot be read or written."""
+
+
+class ExperimentLockedError(AlsegError, RuntimeError):
     """Another process holds the experiment."""
 
 
@@ -60,7 +75,13 @@ class StoredRegion:
 @contextlib.contextmanager
 def experiment_lock(exp_dir: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``exp_dir`` (released by the OS if the process dies)."""
-    path = Path(exp_dir) / ".lock"
+    with file_lock(Path(exp_dir) / ".lock", f"experiment {exp_dir}"):
+        yield
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing; its content: the holder's process id)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -68,8 +89,13 @@ def experiment_lock(exp_dir: Path) -> Iterator[None]:
         except BlockingIOError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
             raise ExperimentLockedError(
-                f"experiment {exp_dir} is in use by process {holder}; wait for it to finish or stop it first"
+                f"{what} is in use by process {holder}; wait for it to finish or stop it first"
             ) from None
+        except OSError as err:  # ENOLCK, ENOSYS, EOPNOTSUPP: a file system without working locks
+            raise ExperimentLockedError(
+                f"{path}: cannot take a lock on this file system ({err.strerror}); keep experiments on a local "
+                "disk (SQLite and flock are not reliable on NFS or Lustre)"
+            ) from err
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         yield
@@ -84,10 +110,16 @@ class ExperimentState:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.conn = sqlite3.connect(self.path, isolation_level=None, timeout=30)
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=FULL")
-        self.conn.executescript(SCHEMA)
+        try:
+            self.conn = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=FULL")
+            self.conn.executescript(SCHEMA)
+        except sqlite3.DatabaseError as err:
+            raise ExperimentStateError(
+                f"{self.path}: the experiment's database cannot be read ({err}); expected alseg's SQLite state. "
+                "Restore it (with its -wal file) from a backup; nothing else in the experiment folder was changed"
+            ) from err
 
     def close(self) -> None:
         self.conn.close()
@@ -268,6 +300,78 @@ class ExperimentState:
             sql += " WHERE " + " AND ".join(where)
         keys = ("id", "round", "case_id", "path", "sha256", "source", "n_outside", "replaced_by", "imported_at")
         return [dict(zip(keys, row, strict=True)) for row in self.conn.execute(sql + " ORDER BY id", args).fetchall()]
+
+    # ------------------------------------------------------------ corrections of finished rounds (human oracle)
+    def add_correction(
+        self,
+        conn: sqlite3.Connection,
+        round_index: int,
+        case_id: str,
+        old_file: int,
+        new_file: int,
+        at_round: int,
+    ) -> None:
+        """Record that the labels of ``case_id`` in the finished round ``round_index`` were replaced (imported
+        file ``old_file`` by ``new_file``) while round ``at_round`` waited for labels: that round's annotate stage
+        rebuilds the case's training label."""
+        conn.execute(
+            "INSERT INTO corrections (round, case_id, old_file, new_file, at_round) VALUES (?, ?, ?, ?, ?)",
+            (round_index, case_id, old_file, new_file, at_round),
+        )
+
+    def corrections(self, at_round: int | None = None) -> list[dict[str, Any]]:
+        """Corrections of finished rounds, oldest first; ``at_round``: those made while that round waited."""
+        sql = "SELECT id, round, case_id, old_file, new_file, at_round, corrected_at FROM corrections"
+        args: list[Any] = []
+        if at_round is not None:
+            sql += " WHERE at_round = ?"
+            args.append(at_round)
+        keys = ("id", "round", "case_id", "old_file", "new_file", "at_round", "corrected_at")
+        return [dict(zip(keys, row, strict=True)) for row in self.conn.execute(sql + " ORDER BY id", args).fetchall()]
+
+    # ------------------------------------------------------------ annotation cost (corrected voxels, strokes)
+    def add_import(
+        self, conn: sqlite3.Connection, round_index: int, annotator: str, minutes: float | None, n_files: int
+    ) -> int:
+        """Record one ``alseg import`` that imported ``n_files`` files: who, and the minutes they spent on it
+        (None when not given). Returns its id, for :meth:`set_region_cost`."""
+        cur = conn.execute(
+            "INSERT INTO imports (round, annotator, minutes, n_files) VALUES (?, ?, ?, ?)",
+            (round_index, annotator, minutes, n_files),
+        )
+        return int(cur.lastrowid or 0)
+
+    def imports(self) -> list[dict[str, Any]]:
+        """Every recorded import, oldest first."""
+        keys = ("id", "round", "annotator", "minutes", "n_files", "imported_at")
+        sql = "SELECT id, round, annotator, minutes, n_files, imported_at FROM imports ORDER BY id"
+        return [dict(zip(keys, row, strict=True)) for row in self.conn.execute(sql).fetchall()]
+
+    def set_region_cost(
+        self,
+        conn: sqlite3.Connection,
+        region_id: int,
+        corrected_voxels: int,
+        strokes: int,
+        prefill: str,
+        annotator: str,
+        import_id: int | None = None,
+    ) -> None:
+        """Record (or replace: a corrected label) a region's correction measures against its prefill
+        (``model`` or ``none``), who labelled it and, for people, the import that brought the label."""
+        conn.execute(
+            "INSERT OR REPLACE INTO region_costs (region_id, corrected_voxels, strokes, prefill, annotator, import_id)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (region_id, int(corrected_voxels), int(strokes), prefill, annotator, import_id),
+        )
+
+    def region_costs(self) -> dict[int, dict[str, Any]]:
+        """``{region id: {corrected_voxels, strokes, prefill, annotator, import_id}}`` of the regions measured."""
+        keys = ("corrected_voxels", "strokes", "prefill", "annotator", "import_id")
+        rows = self.conn.execute(
+            "SELECT region_id, corrected_voxels, strokes, prefill, annotator, import_id FROM region_costs"
+        ).fetchall()
+        return {int(row[0]): dict(zip(keys, row[1:], strict=True)) for row in rows}
 
     # ------------------------------------------------------------ metrics
     def set_metrics(self, conn: sqlite3.Connection, round_index: int, data: dict[str, Any]) -> None:

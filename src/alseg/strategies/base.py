@@ -13,7 +13,11 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
+from alseg.backends.base import CasePrediction
 from alseg.data.regions import Box, Region
+from alseg.errors import AlsegError
+
+__all__ = ["CasePrediction", "Needs", "NotEnoughCandidatesError", "PoolView", "QueryContext", "Strategy", "make_rng"]
 
 
 @dataclass(frozen=True)
@@ -26,16 +30,6 @@ class Needs:
     gradients: bool = False  # per-region gradient embeddings
     gradient_layers: str = "bottleneck"  # which weights the gradients are taken of: "bottleneck" or "decoder"
     ground_truth: bool = False  # reads the simulated oracle's labels (simulation baselines only)
-
-
-@dataclass
-class CasePrediction:
-    """A model's output for one case: probability samples ``(K, C, *spatial)`` and optional extras."""
-
-    case_id: str
-    probs: np.ndarray
-    features: np.ndarray | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -102,7 +96,7 @@ class Strategy(Protocol):
     def params(self) -> dict[str, Any]: ...
 
 
-class NotEnoughCandidatesError(ValueError):
+class NotEnoughCandidatesError(AlsegError, ValueError):
     """Fewer free candidate regions are left than the query asks for."""
 
     def __init__(self, requested: int, available: int, where: str = "the pool") -> None:

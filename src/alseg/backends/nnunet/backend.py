@@ -32,9 +32,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from alseg.backends.base import ProgressCallback, TrainingCase, TrainingProgress, TrainResult
+from alseg import durable
+from alseg.backends.base import CasePrediction, ProgressCallback, TrainingCase, TrainingProgress, TrainResult
 from alseg.backends.nnunet.profiles import Profile, derive_configuration, get_profile
-from alseg.strategies.base import CasePrediction
+from alseg.errors import AlsegError
 from alseg.uncertainty.tta import sample_tta
 
 DATASET_ID = 987
@@ -45,7 +46,7 @@ ImageReader = Callable[[str], tuple[np.ndarray, Sequence[float]]]
 UncertaintySource = Literal["softmax", "mc_dropout", "tta", "ensemble"]
 
 
-class BackendError(RuntimeError):
+class BackendError(AlsegError, RuntimeError):
     """nnU-Net failed; the message names the log file with its output."""
 
 
@@ -289,7 +290,12 @@ class NnUNetBackend:
                 proc.wait()
                 raise
         if proc.returncode != 0:
-            tail = log_file.read_text()[-3000:]
+            tail = log_file.read_text(errors="replace")[-3000:]
+            if "No space left on device" in tail or "ENOSPC" in tail:
+                raise BackendError(
+                    f"nnU-Net {command} ran out of disk space in {work} (see {log_file}); free space there and run "
+                    "the same command again: the round's training starts over, nothing annotated is lost"
+                )
             raise BackendError(f"nnU-Net {command} failed (exit {proc.returncode}); see {log_file}:\n{tail}")
 
     # ------------------------------------------------------------------ protocol
@@ -338,9 +344,9 @@ class NnUNetBackend:
         train_dj = self._dataset_json(labels, ignore_value, 0, n_channels)
         tmp = self.dataset_json_file.with_suffix(".json.new")
         tmp.write_text(json.dumps(train_dj, indent=2))
-        os.replace(self.fingerprint_file.with_name("fingerprint.json.new"), self.fingerprint_file)
-        os.replace(tmp, self.dataset_json_file)
-        os.replace(self.fingerprint_file.with_name("plans.json.new"), self.plans_file)  # plans last: the marker
+        durable.replace(self.fingerprint_file.with_name("fingerprint.json.new"), self.fingerprint_file)
+        durable.replace(tmp, self.dataset_json_file)
+        durable.replace(self.fingerprint_file.with_name("plans.json.new"), self.plans_file)  # plans last: the marker
         shutil.rmtree(work, ignore_errors=True)
         self.log(f"nnU-Net planned from {len(planning_cases)} cases in {time.perf_counter() - t0:.1f} s")
 
@@ -467,7 +473,9 @@ class NnUNetBackend:
         (model / MODEL_COMPLETE).write_text(json.dumps(summary, indent=2))
         if out_dir.exists():
             shutil.rmtree(out_dir)
+        durable.fsync_tree(model)  # checkpoints and plans on disk before the loop commits the round
         os.replace(model, out_dir)
+        durable.fsync_dir(out_dir.parent)
         shutil.rmtree(work, ignore_errors=True)
         return TrainResult(out_dir, float(summary["train_seconds"]), summary)
 
