@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 from typer.testing import CliRunner
 
 from alseg.backends.base import TrainResult
@@ -26,8 +27,9 @@ from alseg.config import ExperimentConfig, load_config
 from alseg.data.dataset import Dataset, load_dataset
 from alseg.data.regions import annotated_mask
 from alseg.evaluation.stopping import CONTINUE, STOP, draw_stop_set
-from alseg.loop.drivers import run_experiment
+from alseg.loop.drivers import advance_experiment, run_experiment
 from alseg.loop.status import experiment_status
+from alseg.oracle.importer import import_labels
 from alseg.store.layout import DB_FILE, KILL_ENV, STOP_SET_FILE, STOP_SET_META
 from alseg.store.state import ExperimentState
 from alseg.strategies.base import make_rng
@@ -185,7 +187,7 @@ _KILLED_RUN = textwrap.dedent(
     sys.path[:0] = [sys.argv[1], sys.argv[2]]
     from test_stopping_loop import make_changing_backend
     from alseg.config import load_config
-    from alseg.loop.drivers import run_experiment
+    from alseg.loop.drivers import advance_experiment, run_experiment
     run_experiment(load_config(Path(sys.argv[3])), Path(sys.argv[4]), backend_factory=make_changing_backend)
     print("finished without being killed")
     """
@@ -290,3 +292,46 @@ def test_a_copied_experiment_reports_the_same(reference: Path, tmp_path: Path) -
     shutil.copytree(reference, copy)
     assert _stability_rows(copy) == _stability_rows(reference)
     assert experiment_status(copy)["stopping"] == experiment_status(reference)["stopping"]
+
+
+def _label_work_package(exp: Path, r: int, out: Path) -> Path:
+    """Play the annotator: label 1 in the first half of every requested region."""
+    package = exp / "rounds" / f"{r:03d}" / "to_annotate"
+    out.mkdir(parents=True)
+    for case in json.loads((package / "manifest.json").read_text())["cases"]:
+        mask_img = sitk.ReadImage(str(package / case["mask"]))
+        lab = (sitk.GetArrayFromImage(mask_img) > 0).astype(np.uint8)
+        lab[: lab.shape[0] // 2] = 0
+        img = sitk.GetImageFromArray(lab)
+        img.CopyInformation(mask_img)
+        sitk.WriteImage(img, str(out / f"{case['case_id']}.nii.gz"))
+    return out
+
+
+def test_stability_without_any_held_out_label(_synthetic_template: Path, tmp_path: Path) -> None:
+    """A dataset people annotate has no held-out cases: the label-free signals and the recommendation remain."""
+    ds = tmp_path / "ds"
+    shutil.copytree(_synthetic_template, ds)
+    shutil.rmtree(ds / "labelsTr")
+    meta = json.loads((ds / "dataset.json").read_text())
+    meta["training"] = []
+    (ds / "dataset.json").write_text(json.dumps(meta))
+    exp = tmp_path / "exp"
+    cfg = load_config(write_config(tmp_path / "cfg.yaml", ds, strategy="random", rounds=3))
+    run_experiment(cfg, exp, make_changing_backend)
+    for r in range(3):
+        import_labels(exp, _label_work_package(exp, r, tmp_path / f"labels_{r}"))
+        advance_experiment(exp, backend_factory=make_changing_backend)
+    status = experiment_status(exp)
+    rows = status["rounds"]
+    assert [row["round"] for row in rows] == [0, 1, 2] and status["complete"]
+    assert all(row["dice_mean"] is None and row["dice_gain"] is None for row in rows)
+    assert len(_meta_stop_set(exp)) == 8  # the default 20 is more than the 8 pool cases: all of them
+    assert rows[0]["stability"] is None
+    assert all(0.0 <= row["stability"] <= 1.0 for row in rows[1:])
+    assert all(row["recommendation"] in (STOP, CONTINUE) for row in rows)
+    assert "at least 3" in status["stopping"]["fg_eff_x95"]["reason"]  # no held-out Dice: no 95% budget
+    result = CliRunner().invoke(app, ["status", str(exp)], env={"COLUMNS": "200"})
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("round ")]
+    assert len(lines) == 3 and not any("held-out" in ln for ln in lines)
+    assert not any(ln.startswith("95% budget") for ln in result.output.splitlines())

@@ -340,8 +340,8 @@ def test_images_only_dataset_starts_in_annotation_mode(_synthetic_template: Path
     (ds / "dataset.json").write_text(json.dumps(meta))
     exp = tmp_path / "exp"
     factory = RecordingFactory()
-    # no oracle key; random and no prefill: the fake backend predicts from ground truth, which this dataset lacks
-    cfg_path = write_config(tmp_path / "cfg.yaml", ds, strategy="random", rounds=2, prefill=False)
+    # no oracle key: a dataset without labels is annotated by people (prefill and stop set predicted from images)
+    cfg_path = write_config(tmp_path / "cfg.yaml", ds, strategy="random", rounds=2)
     result = CliRunner().invoke(app, ["run", str(cfg_path), "--out", str(exp)])
     assert result.exit_code == 0, result.output
     assert "wait for labels" in " ".join(result.output.split())
