@@ -335,3 +335,20 @@ def test_stability_without_any_held_out_label(_synthetic_template: Path, tmp_pat
     lines = [ln for ln in result.output.splitlines() if ln.startswith("round ")]
     assert len(lines) == 3 and not any("held-out" in ln for ln in lines)
     assert not any(ln.startswith("95% budget") for ln in result.output.splitlines())
+
+
+def test_new_stopping_thresholds_are_taken_on_resume_but_not_a_new_stop_set(
+    synthetic_dataset: Path, tmp_path: Path
+) -> None:
+    from alseg.config import load_config
+    from alseg.errors import ExperimentError
+    from alseg.loop.create import open_or_create
+    from conftest import make_config
+
+    exp = tmp_path / "exp"
+    open_or_create(make_config(synthetic_dataset), exp)
+    stricter = make_config(synthetic_dataset, stopping={"stability_threshold": 0.99, "patience": 3})
+    assert open_or_create(stricter, exp).stopping.stability_threshold == 0.99
+    assert load_config(exp / "config.yaml").stopping.patience == 3  # stored: status reads it
+    with pytest.raises(ExperimentError, match=r"stopping\.stop_set_size: stored 20 vs given 5"):
+        open_or_create(make_config(synthetic_dataset, stopping={"stop_set_size": 5}), exp)

@@ -281,7 +281,7 @@ def _resume(
         if plan.error is not None:
             raise ExperimentError(plan.error)
         if cfg is not None:
-            _check_config(exp_dir, cfg.model_copy(update={"dataset": root}), stored, _readable(ds))
+            stored = _check_config(exp_dir, cfg.model_copy(update={"dataset": root}), stored, _readable(ds))
         if plan.fingerprint is not None or plan.record is not None or plan.drop:
             with state.transaction() as conn:
                 if plan.fingerprint is not None:
@@ -310,17 +310,27 @@ def _resume(
     return stored
 
 
-def _check_config(exp_dir: Path, cfg: ExperimentConfig, stored: ExperimentConfig, ds: Dataset) -> None:
-    """Every key that ``cfg`` sets equals the stored one (``cfg``'s dataset is the experiment's)."""
+def _check_config(exp_dir: Path, cfg: ExperimentConfig, stored: ExperimentConfig, ds: Dataset) -> ExperimentConfig:
+    """Every key that ``cfg`` sets equals the stored one (``cfg``'s dataset is the experiment's); returns the
+    stored config. The stopping rule's thresholds only read what the rounds recorded, so new ones are taken (and
+    stored in ``config.yaml``); the stop set's size is fixed at creation like every other key."""
     wanted = resolve_config(cfg, ds)
+    given = cfg.model_fields_set
     diff = {
         k: (getattr(stored, k), getattr(wanted, k))
         for k in ExperimentConfig.model_fields
-        if k in cfg.model_fields_set and k != "dataset" and getattr(stored, k) != getattr(wanted, k)
+        if k in given and k not in ("dataset", "stopping") and getattr(stored, k) != getattr(wanted, k)
     }
+    if "stopping" in given and wanted.stopping.stop_set_size != stored.stopping.stop_set_size:
+        diff["stopping.stop_set_size"] = (stored.stopping.stop_set_size, wanted.stopping.stop_set_size)
     if diff:
         lines = ", ".join(f"{k}: stored {a!r} vs given {b!r}" for k, (a, b) in diff.items())
         raise ExperimentError(f"{exp_dir} was created with a different config ({lines}); use another --out directory")
+    if "stopping" in given and wanted.stopping != stored.stopping:
+        log.info("%s: stopping thresholds changed from %s to %s", exp_dir, stored.stopping, wanted.stopping)
+        stored = stored.model_copy(update={"stopping": wanted.stopping})
+        write_text_atomic(exp_dir / CONFIG_FILE, dump_config(stored))
+    return stored
 
 
 def _readable(ds: Dataset) -> Dataset:
