@@ -13,7 +13,6 @@ recorded labels for every region of the round.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -26,13 +25,18 @@ from alseg.backends.base import SegmentationBackend, TrainingCase
 from alseg.config import ExperimentConfig
 from alseg.data.cache import ArrayCache
 from alseg.data.dataset import Dataset, load_dataset
-from alseg.data.images import read_label_array, write_label_nifti
 from alseg.data.region_files import regions_from_json
 from alseg.data.regions import Region, annotated_mask, unit_box_size
 from alseg.errors import ExperimentError
-from alseg.evaluation.metrics import CostAccumulator, evaluate_case, json_safe, summarise_cases
+from alseg.evaluation.metrics import evaluate_case, json_safe, summarise_cases
 from alseg.loop.prefill import model_segmentations
 from alseg.loop.progress import RunProgress, accepts
+from alseg.loop.round_data import (
+    annotated_case_classes,
+    annotation_cost,
+    check_regions,
+    write_planning_labels,
+)
 from alseg.loop.stopping import StopSetRound
 from alseg.oracle import ORACLES, Oracle, Waiting
 from alseg.store.layout import (
@@ -221,19 +225,7 @@ class Experiment:
         )
 
     def _check_regions(self, r: int, regions: list[Region], expected: int) -> None:
-        if len(regions) != expected:
-            raise ExperimentError(f"round {r}: strategy returned {len(regions)} regions, expected {expected}")
-        boxes = self.annotated_boxes(r - 1)
-        pool = set(self.pool)
-        for g in regions:
-            if g.case_id not in pool:
-                raise ExperimentError(f"round {r}: region in case {g.case_id!r}, which is not in the pool")
-            if not g.box.inside(self.ds.geometry(g.case_id).shape):
-                raise ExperimentError(f"round {r}: region {g.box} lies outside case {g.case_id}")
-            clash = [b for b in boxes.get(g.case_id, []) if b.overlaps(g.box)]
-            if clash:
-                raise ExperimentError(f"round {r}: region {g.box} of {g.case_id} overlaps annotated {clash[0]}")
-            boxes[g.case_id].append(g.box)
+        check_regions(r, regions, expected, set(self.pool), self.ds, self.annotated_boxes(r - 1))
 
     def stage_annotate(self, r: int, allow_open: bool = False) -> Waiting | None:
         """The oracle writes the round's training labels (or the round waits for people); commit them."""
@@ -272,17 +264,7 @@ class Experiment:
         extra: dict[str, Any] = {}
         u = self.cfg.uncertainty
         if u.source == "ensemble" and u.ensemble == "folds":  # only then: backends without the argument still work
-            # the classes in each case's annotated voxels, background included as nnActive counts it, for its
-            # folds (each class in at least two)
-            case_classes: dict[str, set[int]] = {cid: set() for cid in cases}
-            for sr in self.state.regions(max_round=r, status="annotated"):
-                if sr.region.case_id in case_classes:
-                    counts = {int(lab): int(n) for lab, n in (sr.fg_voxels or {}).items()}
-                    found = {lab for lab, n in counts.items() if n > 0}
-                    if sr.region.box.n_voxels > sum(counts.values()):
-                        found.add(0)
-                    case_classes[sr.region.case_id] |= found
-            extra["case_classes"] = case_classes
+            extra["case_classes"] = annotated_case_classes(self.state, cases, r)
         display = self.progress.training_display(r)
         if accepts(self.backend.train, "progress"):
             extra["progress"] = display
@@ -308,14 +290,7 @@ class Experiment:
 
     def _prepare_backend(self, cases: dict[str, TrainingCase]) -> None:
         """Plan once from the starting data; planning labels carry background instead of the ignore value."""
-        plan_dir = self.dir / "nnunet" / "planning_labels"
-        planning: dict[str, TrainingCase] = {}
-        for cid, case in cases.items():  # the round's training labels with background for the ignore value
-            lab = read_label_array(case.label)
-            path = plan_dir / f"{cid}.nii.gz"
-            planning_label = np.where(lab == self.ignore_value, 0, lab).astype(np.uint8)
-            write_label_nifti(path, planning_label, self.ds.geometry(cid))
-            planning[cid] = TrainingCase(case.images, path)
+        planning = write_planning_labels(self.dir / "nnunet" / "planning_labels", cases, self.ds, self.ignore_value)
         self.backend.prepare(planning, self.ds.labels, self.ignore_value)
 
     def stage_evaluate(self, r: int) -> None:
@@ -350,17 +325,8 @@ class Experiment:
         )
 
     def cost(self, r: int) -> dict[str, Any]:
-        pool_fg = {int(k): v for k, v in json.loads(self.state.get_meta("pool_fg_voxels") or "{}").items()}
-        acc = CostAccumulator(self.ds.foreground_labels, pool_fg or None, self.cfg.slice_axis)
-        # the labelled regions so far, counted in the training labels the oracle wrote (whoever labelled them)
-        labelled: dict[str, list] = defaultdict(list)
-        for sr in self.state.regions(max_round=r, status="annotated"):
-            labelled[sr.region.case_id].append(sr.region.box)
-        files = self.state.latest_label_files(r)
-        for cid, bs in labelled.items():
-            lab = read_label_array(self.dir / files[cid])
-            acc.add_case(cid, annotated_mask(lab.shape, bs), lab)
-        return acc.result(sum(len(b) for b in labelled.values()))
+        """The annotation cost up to round ``r``, counted in the training labels the oracle wrote."""
+        return annotation_cost(self.dir, self.state, self.ds, self.cfg.slice_axis, r)
 
     # ------------------------------------------------------------ driver
     def run(self, allow_open: bool = False) -> Waiting | None:

@@ -16,10 +16,7 @@ work package's prefill (:mod:`alseg.oracle.import_costs`); a correction replaces
 from __future__ import annotations
 
 import errno
-import os
-import shutil
 from collections import defaultdict
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,9 +30,10 @@ from alseg.data.images import (
     sha256_file,
 )
 from alseg.data.regions import annotated_mask
-from alseg.durable import fsync_dir
+from alseg.durable import copy_file
 from alseg.errors import ExperimentError
 from alseg.evaluation.correction import RegionCost
+from alseg.oracle.corrections import check_correction, rounds_text
 from alseg.oracle.human import waiting_round
 from alseg.oracle.import_costs import annotator_name, check_minutes, measure_regions
 from alseg.oracle.label_files import AnnotationImportError, check_label_file, label_ending, list_label_files
@@ -80,21 +78,6 @@ class _Planned:
     n_outside: int
     replaces: dict[str, Any] | None
     costs: dict[int, RegionCost] = field(default_factory=dict)  # region id -> corrected voxels, strokes
-
-
-def _copy_file(src: Path, dst: Path) -> None:
-    """Copy ``src`` to ``dst`` atomically (temporary file, fsync, rename)."""
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    try:
-        with open(src, "rb") as fi, open(tmp, "wb") as fo:
-            shutil.copyfileobj(fi, fo, 1 << 20)
-            fo.flush()
-            os.fsync(fo.fileno())
-        os.replace(tmp, dst)
-        fsync_dir(dst.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def import_labels(
@@ -147,43 +130,6 @@ def import_labels(
             handler.close()
 
 
-def _rounds_text(rounds: Sequence[int]) -> str:
-    return ", ".join(map(str, rounds)) if rounds else "none"
-
-
-def _check_correction(
-    exp_dir: Path, state: ExperimentState, n: int, replace: bool, waiting: int | None, rounds_planned: int
-) -> None:
-    """``--round N``: refuse (changing nothing) unless N is a finished round, ``--replace`` is given and a later
-    round waits for labels (its annotate stage is the next one, which rebuilds the corrected training labels)."""
-    rounds = sorted({g.round for g in state.regions()})
-    finished = [k for k in rounds if state.stage_done(k, "annotate")]
-    if n not in rounds:
-        raise AnnotationImportError(
-            f"--round {n}: {exp_dir} has no round {n} (rounds with regions: {_rounds_text(rounds)}); "
-            f"finished rounds whose labels can be corrected: {_rounds_text(finished)}"
-        )
-    if n not in finished:
-        raise AnnotationImportError(
-            f"--round {n}: round {n} is not finished: its regions wait for labels; import its files without "
-            f"--round (`alseg import {exp_dir} LABELS_DIR`, with --replace for a changed file)"
-        )
-    if not replace:
-        raise AnnotationImportError(
-            f"--round {n}: round {n} is finished; correcting its labels replaces them: pass --replace as well "
-            f"(`alseg import {exp_dir} LABELS_DIR --round {n} --replace`)"
-        )
-    if waiting is None:
-        if state.stage_done(rounds_planned - 1, "evaluate"):
-            why = "the experiment is complete"
-        else:
-            why = f"no round waits for labels (an interrupted `alseg query`? run `alseg query {exp_dir}` first)"
-        raise AnnotationImportError(
-            f"--round {n}: {why}; a correction is used by the next round's training, so it is imported while a "
-            "later round waits for labels"
-        )
-
-
 def _import(
     exp_dir: Path,
     state: ExperimentState,
@@ -199,7 +145,7 @@ def _import(
     correcting = round_index is not None
     if correcting:
         assert round_index is not None
-        _check_correction(exp_dir, state, round_index, replace, waiting, rounds_planned)
+        check_correction(exp_dir, state, round_index, replace, waiting, rounds_planned)
     files, problems, notes = list_label_files(labels_dir, exp_dir)
     r = round_index if correcting else waiting
     report = report or ImportReport(None, annotator=annotator_name(None))
@@ -239,7 +185,7 @@ def _import(
                 if len(done) == 1:
                     how = f"in round {done[0]}: to correct those labels pass `--round {done[0]} --replace`"
                 else:
-                    how = f"in rounds {_rounds_text(done)}: to correct one, pass `--round N --replace` with its N"
+                    how = f"in rounds {rounds_text(done)}: to correct one, pass `--round N --replace` with its N"
                 problems.append(
                     f"{path}: case {case_id!r} is not in round {r}, the round waiting for labels; it was labelled {how}"
                 )
@@ -394,4 +340,4 @@ def _commit_import(exp_dir: Path, state: ExperimentState, r: int, plan: list[_Pl
 
 
 #: the function that writes an imported file (a module attribute so that tests can simulate a full disk)
-copy_label_file = _copy_file
+copy_label_file = copy_file
