@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import errno
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -184,27 +184,48 @@ def annotation_rows(state: ExperimentState) -> list[dict[str, Any]]:
 
 def annotator_summary(state: ExperimentState) -> list[dict[str, Any]]:
     """Per annotator, from the regions they labelled now (a region corrected by someone else counts for them)
-    and every import they made: ``regions``, ``voxels``, ``fg_voxels``, ``corrected_voxels``, ``strokes``,
+    and every import they made: :func:`summarise_annotators` of the experiment's state."""
+    regions = [(g.id, g.n_voxels, g.fg_voxels) for g in state.regions(status="annotated")]
+    return summarise_annotators(regions, state.region_costs(), state.imports())
+
+
+def summarise_annotators(
+    regions: Iterable[tuple[int, int, Mapping[str, int] | None]],
+    costs: Mapping[int, Mapping[str, Any]],
+    imports: Iterable[Mapping[str, Any]],
+) -> list[dict[str, Any]]:
+    """Per annotator (sorted by name): ``regions``, ``voxels``, ``fg_voxels``, ``corrected_voxels``, ``strokes``,
     ``imports``, ``minutes`` (the sum of the minutes given, None if no import gave any) and
-    ``imports_without_minutes``."""
+    ``imports_without_minutes``.
+
+    ``regions``: the annotated regions as ``(region id, voxels, foreground voxels per class or None)``; ``costs``:
+    ``{region id: {annotator, corrected_voxels, strokes, ...}}`` (the ``region_costs`` table; a region without a
+    row, imported before alseg measured corrections, counts for nobody); ``imports``: ``{annotator, minutes}`` per
+    import (the ``imports`` table).
+
+    >>> costs = {1: {"annotator": "ana", "corrected_voxels": 2, "strokes": 1}}
+    >>> imports = [{"annotator": "ana", "minutes": 3.0}, {"annotator": "ana", "minutes": None}]
+    >>> row = summarise_annotators([(1, 8, {"1": 2})], costs, imports)[0]
+    >>> row["regions"], row["corrected_voxels"], row["imports"], row["minutes"], row["imports_without_minutes"]
+    (1, 2, 2, 3.0, 1)
+    """
     out: dict[str, dict[str, Any]] = {}
 
     def entry(name: str) -> dict[str, Any]:
         keys = ("regions", "voxels", "fg_voxels", "corrected_voxels", "strokes", "imports", "imports_without_minutes")
         return out.setdefault(name, {"annotator": name, **dict.fromkeys(keys, 0), "minutes": None})
 
-    costs = state.region_costs()
-    for g in state.regions(status="annotated"):
-        c = costs.get(g.id)
+    for region_id, n_voxels, fg_voxels in regions:
+        c = costs.get(region_id)
         if c is None:  # imported before alseg measured corrections
             continue
         e = entry(str(c["annotator"]))
         e["regions"] += 1
-        e["voxels"] += g.n_voxels
-        e["fg_voxels"] += sum(int(n) for n in (g.fg_voxels or {}).values())
+        e["voxels"] += int(n_voxels)
+        e["fg_voxels"] += sum(int(n) for n in (fg_voxels or {}).values())
         e["corrected_voxels"] += int(c["corrected_voxels"])
         e["strokes"] += int(c["strokes"])
-    for imp in state.imports():
+    for imp in imports:
         e = entry(str(imp["annotator"]))
         e["imports"] += 1
         if imp["minutes"] is None:

@@ -19,21 +19,29 @@ import pandas as pd
 
 from alseg.evaluation.curves import aubc, final_dice, fit_fg_eff_detailed
 from alseg.evaluation.stats import friedman_nemenyi, mean_std_table, pairwise_penalty_matrix, pairwise_penalty_tests
-from alseg.report.results import ReportError, Results
+from alseg.report.results import COST_AXES, MEASURED_AXES, ReportError, Results
 
 __all__ = [
+    "AubcX",
     "Comparison",
+    "CostAxis",
     "PPMResult",
     "RankingResult",
+    "aubc_by_axis",
     "choose_baseline",
     "compare",
     "fg_eff_table",
     "per_experiment_table",
+    "resolve_cost_axis",
     "significance_mark",
     "write_csv",
 ]
 
-AubcX = Literal["round", "voxels"]
+#: AUBC's x: the round index, the report's cost axis (``--cost``), or annotated voxels whatever the cost axis
+AubcX = Literal["round", "cost", "voxels"]
+AUBC_XS = ("round", "cost", "voxels")
+#: the cumulative cost a report draws its curves against (:data:`alseg.report.results.COST_AXES`)
+CostAxis = Literal["voxels", "fg_voxels", "corrected_voxels", "strokes"]
 ALPHA = 0.05
 SUMMARY_METRICS = {"aubc": "AUBC", "final_dice": "Final Dice"}
 
@@ -60,10 +68,49 @@ def significance_mark(row: dict[str, Any] | pd.Series) -> str:
 # --------------------------------------------------------------------------------------------------
 # per experiment and FG-Eff
 # --------------------------------------------------------------------------------------------------
-def per_experiment_table(results: Results, aubc_x: AubcX = "round") -> pd.DataFrame:
-    """One row per active-learning run: AUBC and final Dice over the rounds evaluated so far."""
-    if aubc_x not in ("round", "voxels"):
-        raise ReportError(f"aubc_x must be 'round' or 'voxels', got {aubc_x!r}")
+def resolve_cost_axis(results: Results, cost: str) -> tuple[str, str | None]:
+    """The cost axis the report uses for ``cost`` and a note when it differs: ``corrected_voxels`` and ``strokes``
+    need a measure for every annotated region of every active-learning run; when one run lacks them the whole
+    report falls back to annotated voxels (runs are never drawn against two different axes)."""
+    if cost not in COST_AXES:
+        raise ReportError(f"cost axis {cost!r} is not one of {', '.join(COST_AXES)}")
+    if cost not in MEASURED_AXES:
+        return cost, None
+    missing = [e for e in results.al_experiments if e.unmeasured_regions]
+    if not missing:
+        return cost, None
+    shown = "; ".join(f"{e.path} ({e.unmeasured_regions} regions)" for e in missing[:10])
+    more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+    note = (
+        f"cost axis {cost} ({COST_AXES[cost]}) is unavailable: {len(missing)} of {len(results.al_experiments)} runs "
+        f"have annotated regions without correction measures (made before alseg measured them): {shown}{more}. "
+        f"The learning curves and AUBC use {COST_AXES['voxels']} instead; `alseg remeasure EXP` measures an "
+        "experiment's regions again from its stored models"
+    )
+    return "voxels", note
+
+
+def _aubc_column(aubc_x: str, cost_axis: str) -> str:
+    if aubc_x not in AUBC_XS:
+        raise ReportError(f"aubc_x must be 'round', 'cost' (the cost axis, {cost_axis}) or 'voxels', got {aubc_x!r}")
+    return {"round": "round", "cost": cost_axis, "voxels": "voxels"}[aubc_x]
+
+
+def _run_aubc(df: pd.DataFrame, x: str) -> float:
+    """AUBC of one run's evaluated rounds (sorted by round, finite Dice) against column ``x``; NaN if impossible."""
+    if not len(df):
+        return float("nan")
+    xs = df[x].to_numpy(dtype=float)
+    try:
+        return aubc(df["dice"].to_numpy(), xs if len(df) > 1 else None)
+    except ValueError:  # an x that is NaN, not increasing or of zero width
+        return float("nan")
+
+
+def per_experiment_table(results: Results, aubc_x: AubcX = "round", cost_axis: str = "voxels") -> pd.DataFrame:
+    """One row per active-learning run: AUBC (x: ``aubc_x``, where ``cost`` is ``cost_axis``) and final Dice over
+    the rounds evaluated so far, and the cost axis's final value."""
+    x = _aubc_column(aubc_x, cost_axis)
     rows = []
     rounds = results.al_rounds
     for e in results.al_experiments:
@@ -82,13 +129,11 @@ def per_experiment_table(results: Results, aubc_x: AubcX = "round") -> pd.DataFr
             "final_dice": float("nan"),
             "final_voxels": float(df["voxels"].iloc[-1]) if len(df) else float("nan"),
             "final_fg_fraction": float(df["fg_fraction"].iloc[-1]) if len(df) else float("nan"),
+            "aubc_x": x,
+            "final_cost": float(df[cost_axis].iloc[-1]) if len(df) else float("nan"),
         }
         if len(df):
-            x = df["round"].to_numpy(dtype=float) if aubc_x == "round" else df["voxels"].to_numpy(dtype=float)
-            try:
-                row["aubc"] = aubc(df["dice"].to_numpy(), x if len(df) > 1 else None)
-            except ValueError:
-                row["aubc"] = float("nan")
+            row["aubc"] = _run_aubc(df, x)
             row["final_dice"] = final_dice(df["dice"].to_numpy())
         rows.append(row)
     cols = [
@@ -104,8 +149,33 @@ def per_experiment_table(results: Results, aubc_x: AubcX = "round") -> pd.DataFr
         "final_dice",
         "final_voxels",
         "final_fg_fraction",
+        "aubc_x",
+        "final_cost",
     ]
     return pd.DataFrame(rows, columns=cols)
+
+
+def aubc_by_axis(results: Results) -> pd.DataFrame:
+    """One row per (active-learning run, cost axis): the run's AUBC with x = that axis, and the axis's final
+    value; NaN where the run has no measure of the axis (:data:`alseg.report.results.MEASURED_AXES`)."""
+    rows = []
+    rounds = results.al_rounds
+    for e in results.al_experiments:
+        df = rounds[rounds["experiment"] == str(e.path)].sort_values("round")
+        df = df[np.isfinite(df["dice"])]
+        for axis in COST_AXES:
+            rows.append(
+                {
+                    "experiment": str(e.path),
+                    "strategy": e.strategy,
+                    "seed": e.seed,
+                    "setting": e.setting,
+                    "axis": axis,
+                    "aubc": _run_aubc(df, axis),
+                    "final_cost": float(df[axis].iloc[-1]) if len(df) else float("nan"),
+                }
+            )
+    return pd.DataFrame(rows, columns=["experiment", "strategy", "seed", "setting", "axis", "aubc", "final_cost"])
 
 
 def fg_eff_table(results: Results) -> pd.DataFrame:
@@ -270,6 +340,16 @@ class Comparison:
     ppm_note: str | None
     rankings: RankingResult | None
     notes: list[str] = field(default_factory=list)
+    #: the cost axis asked for (``--cost``) and the one used (``voxels`` when it is unavailable: see the notes)
+    cost: str = "voxels"
+    cost_axis: str = "voxels"
+    #: AUBC and final cost of every run against every cost axis (:func:`aubc_by_axis`)
+    by_axis: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    @property
+    def aubc_column(self) -> str:
+        """The column of ``results.rounds`` AUBC is computed against: ``round`` or a cost axis."""
+        return _aubc_column(self.aubc_x, self.cost_axis)
 
 
 def _summary(per_exp: pd.DataFrame, fg_eff: pd.DataFrame, baseline: str | None, ppm: PPMResult | None) -> pd.DataFrame:
@@ -318,14 +398,26 @@ def _summary(per_exp: pd.DataFrame, fg_eff: pd.DataFrame, baseline: str | None, 
     return pd.DataFrame(list(merged.values()), columns=cols)
 
 
-def compare(results: Results, baseline: str | None = None, aubc_x: AubcX = "round") -> Comparison:
-    """Compute every table of the report from ``results``."""
+def compare(
+    results: Results, baseline: str | None = None, aubc_x: AubcX | None = None, cost: CostAxis | None = None
+) -> Comparison:
+    """Compute every table of the report from ``results``.
+
+    ``cost``: the cumulative cost the learning curves are drawn against (default ``voxels``); ``aubc_x``: AUBC's
+    x, ``round`` (default), ``cost`` (the cost axis; the default when ``cost`` is given) or ``voxels``. A cost
+    axis some run has no measure of falls back to ``voxels`` for every run, with a note.
+    """
+    if aubc_x is None:
+        aubc_x = "round" if cost is None else "cost"
+    cost_axis, cost_note = resolve_cost_axis(results, cost or "voxels")
     strategies = results.strategies
     base = choose_baseline(strategies, baseline)
     notes = list(results.problems)
+    if cost_note is not None:
+        notes.append(cost_note)
     if base is None and strategies:
         notes.append("no random baseline among the strategies: no significance marks (choose one with --baseline)")
-    per_exp = per_experiment_table(results, aubc_x)
+    per_exp = per_experiment_table(results, aubc_x, cost_axis)
     fg = fg_eff_table(results)
     ppm, ppm_note = _ppm(results)
     summary = _summary(per_exp, fg, base, ppm)
@@ -338,7 +430,21 @@ def compare(results: Results, baseline: str | None = None, aubc_x: AubcX = "roun
             f"{len(running)} of {len(results.al_experiments)} runs are not finished; their AUBC and final Dice use "
             "the rounds evaluated so far"
         )
-    return Comparison(results, base, aubc_x, per_exp, fg, summary, ppm, ppm_note, rankings, notes)
+    return Comparison(
+        results,
+        base,
+        aubc_x,
+        per_exp,
+        fg,
+        summary,
+        ppm,
+        ppm_note,
+        rankings,
+        notes,
+        cost=cost or "voxels",
+        cost_axis=cost_axis,
+        by_axis=aubc_by_axis(results),
+    )
 
 
 def format_mean_std(mean: float, std: float, digits: int = 3) -> str:
@@ -374,7 +480,10 @@ def write_csv(comparison: Comparison, out_dir: Path) -> list[Path]:
         "per_experiment": comparison.per_experiment,
         "fg_eff": comparison.fg_eff,
         "summary": comparison.summary,
+        "aubc_by_cost_axis": comparison.by_axis,
     }
+    if len(res.annotators):
+        tables["annotators"] = res.annotators
     if comparison.ppm is not None:
         tables["ppm"] = _ppm_with_phi(comparison.ppm.matrix, comparison.ppm.phi)
         tables["ppm_holm"] = _ppm_with_phi(comparison.ppm.matrix_holm, comparison.ppm.phi_holm)

@@ -22,6 +22,11 @@ import pandas as pd
 
 from alseg.report.compare import AubcX, Comparison, compare, format_mean_std, write_csv
 from alseg.report.gallery import render_gallery
+from alseg.report.markup import escape as _e
+from alseg.report.markup import img as _img
+from alseg.report.markup import note as _note
+from alseg.report.markup import num as _num
+from alseg.report.markup import table as _table
 from alseg.report.plots import cost_figure, learning_curves_figure, metrics_figure, ppm_figure, strategy_colors
 from alseg.report.results import Results, load_results
 from alseg.report.stopping import stopping_section
@@ -67,35 +72,6 @@ tr.reference td { background: #eef6ee; font-style: italic; }
 span.path { display: block; text-align: left; font-family: monospace; font-size: .9em; }
 code { background: #f0f2f5; padding: 0 .25em; border-radius: 3px; }
 """
-
-
-def _e(text: object) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def _img(png: bytes, alt: str) -> str:
-    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
-
-
-def _note(text: str) -> str:
-    return f'<p class="note">{_e(text)}</p>'
-
-
-def _num(v: float, digits: int = 3) -> str:
-    return "–" if v is None or not math.isfinite(float(v)) else f"{float(v):.{digits}f}"
-
-
-def _table(
-    headers: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1, row_classes: Sequence[str] = ()
-) -> str:
-    """HTML table; cells are already-escaped HTML; the first ``left`` columns are left-aligned."""
-    head = "".join(f'<th class="l">{h}</th>' if i < left else f"<th>{h}</th>" for i, h in enumerate(headers))
-    body = []
-    for k, row in enumerate(rows):
-        cls = f' class="{row_classes[k]}"' if k < len(row_classes) and row_classes[k] else ""
-        cells = "".join(f'<td class="l">{c}</td>' if i < left else f"<td>{c}</td>" for i, c in enumerate(row))
-        body.append(f"<tr{cls}>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
 def _int_range(values: pd.Series) -> str:

@@ -20,8 +20,11 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import EngFormatter, MaxNLocator
 
+from alseg.report.results import COST_AXES
+
 __all__ = [
     "DPI",
+    "cost_axes_figure",
     "cost_figure",
     "learning_curves_figure",
     "metrics_figure",
@@ -124,8 +127,10 @@ def _x_axis(ax: Axes, x: str, label: str) -> None:
     ax.set_xlabel(label)
     if x in ("round", "regions"):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if x in ("voxels", "fg_voxels"):
+    if x in ("voxels", "fg_voxels", "corrected_voxels"):
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+    if x == "strokes":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _n_seeds(rows: pd.DataFrame) -> dict[str, int]:
@@ -142,18 +147,51 @@ BUDGETS = [
 
 
 def learning_curves_figure(
-    rows: pd.DataFrame, colors: Mapping[str, tuple[float, ...]], reference: float | None, title: str
+    rows: pd.DataFrame,
+    colors: Mapping[str, tuple[float, ...]],
+    reference: float | None,
+    title: str,
+    cost_axis: str = "voxels",
 ) -> bytes:
-    """Dice against rounds, regions, voxels and foreground voxels (one setting)."""
+    """Dice against rounds, regions, the cost axis (``cost_axis``, default annotated voxels) and the annotated
+    share of the pool's foreground (one setting)."""
     strategies = sorted(rows["strategy"].unique())
-    fig, axes = _grid(len(BUDGETS), 2, 5.6, 3.6)
-    for ax, (x, label, scale) in zip(axes, BUDGETS, strict=True):
+    budgets = [b if b[0] != "voxels" else (cost_axis, COST_AXES[cost_axis], 1.0) for b in BUDGETS]
+    fig, axes = _grid(len(budgets), 2, 5.6, 3.6)
+    for ax, (x, label, scale) in zip(axes, budgets, strict=True):
         _curve_panel(ax, rows, x, "dice", colors, x_scale=scale)
         if reference is not None:
             ax.axhline(reference, **REFERENCE_STYLE)
         _x_axis(ax, x, label)
         ax.set_ylabel(DICE_LABEL)
         ax.set_title(f"Dice vs {label.split(' (')[0]}", fontsize=11)
+    fig.suptitle(title, fontsize=12, fontweight="bold")
+    _legend(fig, strategies, colors, _n_seeds(rows), reference)
+    return to_png(fig)
+
+
+def cost_axes_figure(
+    rows: pd.DataFrame, colors: Mapping[str, tuple[float, ...]], reference: float | None, title: str
+) -> bytes:
+    """Dice against each cost axis (:data:`alseg.report.results.COST_AXES`), one panel per axis (one setting).
+
+    A run without a measure of an axis (NaN) is left out of that panel, and the panel's title says how many were.
+    """
+    strategies = sorted(rows["strategy"].unique())
+    fig, axes = _grid(len(COST_AXES), 2, 5.6, 3.6)
+    for ax, (x, label) in zip(axes, COST_AXES.items(), strict=True):
+        has = rows.groupby("experiment")[x].transform(lambda v: bool(v.notna().all()))
+        shown = rows[has.astype(bool)]
+        left_out = rows["experiment"].nunique() - shown["experiment"].nunique()
+        ax.set_title(f"Dice vs {label}" + (f" ({left_out} runs without it left out)" if left_out else ""), fontsize=11)
+        _x_axis(ax, x, label)
+        ax.set_ylabel(DICE_LABEL)
+        if shown.empty:
+            ax.text(0.5, 0.5, "no run has this measure", ha="center", va="center", transform=ax.transAxes)
+            continue
+        _curve_panel(ax, shown, x, "dice", colors)
+        if reference is not None:
+            ax.axhline(reference, **REFERENCE_STYLE)
     fig.suptitle(title, fontsize=12, fontweight="bold")
     _legend(fig, strategies, colors, _n_seeds(rows), reference)
     return to_png(fig)

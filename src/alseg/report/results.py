@@ -6,12 +6,19 @@ metrics, so the tables hold the rounds done so far.
 One row of :attr:`Results.rounds` per (experiment, evaluated round)::
 
     experiment strategy seed setting dataset_key full_data complete round
-    regions voxels fg_voxels fg_fraction slices_touched cases_touched
+    regions voxels fg_voxels fg_fraction corrected_voxels strokes slices_touched cases_touched
     dice dice2d hd95 n_nan_dice n_nan_hd95 n_test_cases
     dice_<label> dice2d_<label> hd95_<label> fg_voxels_<label> fg_fraction_<label>
 
 ``dice`` is the held-out foreground-mean 3D Dice, ``voxels``/``fg_voxels`` are cumulative annotated voxels
 (foreground summed over classes), ``fg_fraction`` the annotated share of the pool's foreground voxels.
+``corrected_voxels``/``strokes`` are the cumulative correction measures (:mod:`alseg.evaluation.correction`) of
+the regions annotated up to the round, from the ``region_costs`` table; NaN in every round of an experiment with
+an annotated region that has no measure (made before alseg measured corrections: ``alseg remeasure`` adds them),
+so that an axis is never half measured.
+
+:attr:`Results.annotators` has, per experiment labelled by people (``oracle: human``), one row per annotator, as
+``alseg status`` shows it (:func:`alseg.oracle.human.summarise_annotators`).
 """
 
 from __future__ import annotations
@@ -28,14 +35,18 @@ import pandas as pd
 
 from alseg.config import ExperimentConfig, load_config
 from alseg.errors import AlsegError
+from alseg.oracle.human import summarise_annotators
 from alseg.store.layout import CONFIG_FILE, DB_FILE, FULL_DATA_META
 
 __all__ = [
+    "ANNOTATOR_COLUMNS",
+    "COST_AXES",
     "ExperimentRecord",
     "ReportError",
     "Results",
     "dataset_key",
     "find_experiments",
+    "load_annotators",
     "load_experiment",
     "load_results",
     "setting_name",
@@ -55,6 +66,8 @@ ROUND_COLUMNS = [
     "voxels",
     "fg_voxels",
     "fg_fraction",
+    "corrected_voxels",
+    "strokes",
     "slices_touched",
     "cases_touched",
     "dice",
@@ -80,6 +93,30 @@ REGION_COLUMNS = [
     "fg_voxels",
     "query_strategy",
 ]
+ANNOTATOR_COLUMNS = [
+    "experiment",
+    "strategy",
+    "seed",
+    "setting",
+    "annotator",
+    "regions",
+    "voxels",
+    "fg_voxels",
+    "corrected_voxels",
+    "strokes",
+    "imports",
+    "minutes",
+    "imports_without_minutes",
+]
+#: the cumulative annotation costs a learning curve can be drawn against: column of ``rounds`` -> axis label
+COST_AXES = {
+    "voxels": "annotated voxels",
+    "fg_voxels": "annotated foreground voxels",
+    "corrected_voxels": "corrected voxels",
+    "strokes": "correction strokes",
+}
+#: the axes measured per region (``region_costs``), unavailable in experiments made before they were measured
+MEASURED_AXES = ("corrected_voxels", "strokes")
 
 
 class ReportError(AlsegError, ValueError):
@@ -133,6 +170,9 @@ class ExperimentRecord:
     pool_fg_voxels: dict[str, int] = field(default_factory=dict)
     #: labels of finished rounds corrected later (``alseg import --round N --replace``), one sentence each
     corrections: tuple[str, ...] = ()
+    #: annotated regions of the evaluated rounds without correction measures (then ``corrected_voxels`` and
+    #: ``strokes`` are NaN in every round of the experiment)
+    unmeasured_regions: int = 0
 
     @property
     def name(self) -> str:
@@ -151,6 +191,8 @@ class Results:
     rounds: pd.DataFrame
     regions: pd.DataFrame
     problems: list[str] = field(default_factory=list)
+    #: per experiment labelled by people, one row per annotator (:data:`ANNOTATOR_COLUMNS`)
+    annotators: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=ANNOTATOR_COLUMNS))
 
     @property
     def al_experiments(self) -> list[ExperimentRecord]:
@@ -262,11 +304,19 @@ def load_experiment(exp_dir: Path, full_data: bool | None = None) -> tuple[Exper
         correction_rows = _query(
             conn, "SELECT round, case_id, at_round, corrected_at FROM corrections ORDER BY round, case_id, id"
         )
+        measured = {
+            int(rid): (int(cv), int(st))
+            for rid, cv, st in _query(conn, "SELECT region_id, corrected_voxels, strokes FROM region_costs")
+        }
     except sqlite3.DatabaseError as err:
         raise ReportError(f"{exp_dir / DB_FILE}: cannot read the experiment database ({err})") from None
     finally:
         conn.close()
     is_ref = FULL_DATA_META in meta if full_data is None else bool(full_data or FULL_DATA_META in meta)
+    # the annotated regions (id, round) whose correction measures add up to a round's cumulative cost
+    annotated = [(int(rid), int(rnd)) for rid, rnd, *_, status, _n, _fg in region_rows if status == "annotated"]
+    last = max(metrics, default=-1)
+    unmeasured = sum(1 for rid, rnd in annotated if rnd <= last and rid not in measured)
     pool_fg = {str(k): int(v) for k, v in json.loads(meta.get("pool_fg_voxels") or "{}").items()}
     labels = sorted(
         set(pool_fg) | {str(k) for m in metrics.values() for k in (m.get("dice_per_class") or {})}, key=_label_order
@@ -284,6 +334,7 @@ def load_experiment(exp_dir: Path, full_data: bool | None = None) -> tuple[Exper
         foreground_labels=tuple(labels),
         pool_fg_voxels=pool_fg,
         corrections=_correction_notes(correction_rows),
+        unmeasured_regions=unmeasured,
     )
     ident = {
         "experiment": str(exp_dir),
@@ -304,6 +355,8 @@ def load_experiment(exp_dir: Path, full_data: bool | None = None) -> tuple[Exper
             "voxels": _float(cost.get("annotated_voxels")),
             "fg_voxels": _float(cost.get("annotated_fg_voxels")),
             "fg_fraction": _float(cost.get("fg_fraction")),
+            "corrected_voxels": _measured_sum(annotated, measured, r, 0, unmeasured),
+            "strokes": _measured_sum(annotated, measured, r, 1, unmeasured),
             "slices_touched": _float(cost.get("slices_touched")),
             "cases_touched": _float(cost.get("cases_touched")),
             "dice": _float(m.get("dice_mean")),
@@ -337,6 +390,51 @@ def load_experiment(exp_dir: Path, full_data: bool | None = None) -> tuple[Exper
         for rid, rnd, cid, start, size, score, strat, status, nvox, fg in region_rows
     ]
     return record, rows, regions
+
+
+def _measured_sum(
+    annotated: Sequence[tuple[int, int]], measured: dict[int, tuple[int, int]], r: int, k: int, unmeasured: int
+) -> float:
+    """The sum of measure ``k`` (0: corrected voxels, 1: strokes) over the regions annotated up to round ``r``;
+    NaN when any annotated region of the experiment's evaluated rounds has no measure."""
+    if unmeasured:
+        return float("nan")
+    return float(sum(measured[rid][k] for rid, rnd in annotated if rnd <= r))
+
+
+def load_annotators(record: ExperimentRecord) -> list[dict[str, Any]]:
+    """Per annotator of an experiment labelled by people (``oracle: human``): regions, voxels, corrected voxels,
+    strokes, imports and minutes (:func:`alseg.oracle.human.summarise_annotators`), read-only; [] for any other
+    experiment."""
+    if record.config.oracle != "human":
+        return []
+    db = record.path / DB_FILE
+    conn = _connect_read_only(db)
+    try:
+        regions = [
+            (int(rid), int(nvox), json.loads(fg) if fg else None)
+            for rid, nvox, fg in _query(conn, "SELECT id, n_voxels, fg_voxels FROM regions WHERE status = 'annotated'")
+        ]
+        costs = {
+            int(rid): {"corrected_voxels": cv, "strokes": st, "annotator": who}
+            for rid, cv, st, who in _query(
+                conn, "SELECT region_id, corrected_voxels, strokes, annotator FROM region_costs"
+            )
+        }
+        imports = [
+            {"annotator": who, "minutes": m} for who, m in _query(conn, "SELECT annotator, minutes FROM imports")
+        ]
+    except sqlite3.DatabaseError as err:
+        raise ReportError(f"{db}: cannot read the experiment database ({err})") from None
+    finally:
+        conn.close()
+    ident = {
+        "experiment": str(record.path),
+        "strategy": record.strategy,
+        "seed": record.seed,
+        "setting": record.setting,
+    }
+    return [{**ident, **row} for row in summarise_annotators(regions, costs, imports)]
 
 
 def _correction_notes(rows: Sequence[tuple[Any, ...]]) -> tuple[str, ...]:
@@ -374,6 +472,7 @@ def load_results(exp_dirs: Sequence[Path], full_data_dirs: Sequence[Path] = ()) 
     records: list[ExperimentRecord] = []
     rows: list[dict] = []
     regions: list[dict] = []
+    annotators: list[dict] = []
     problems: list[str] = []
     seen: dict[tuple[str, int, str], Path] = {}
     seen_paths: set[Path] = set()
@@ -394,6 +493,7 @@ def load_results(exp_dirs: Sequence[Path], full_data_dirs: Sequence[Path] = ()) 
         records.append(rec)
         rows.extend(r_rows)
         regions.extend(g_rows)
+        annotators.extend(load_annotators(rec))
     labels = sorted({lab for e in records for lab in e.foreground_labels}, key=_label_order)
     extra = [f"{m}_{lab}" for lab in labels for m in ("dice", "dice2d", "hd95", "fg_voxels", "fg_fraction")]
     rounds = pd.DataFrame(rows, columns=ROUND_COLUMNS + extra)
@@ -404,4 +504,5 @@ def load_results(exp_dirs: Sequence[Path], full_data_dirs: Sequence[Path] = ()) 
     rounds["round"] = rounds["round"].astype(np.int64)
     rounds["full_data"] = rounds["full_data"].astype(bool)
     rounds["complete"] = rounds["complete"].astype(bool)
-    return Results(records, rounds, pd.DataFrame(regions, columns=REGION_COLUMNS), problems)
+    people = pd.DataFrame(annotators, columns=ANNOTATOR_COLUMNS)
+    return Results(records, rounds, pd.DataFrame(regions, columns=REGION_COLUMNS), problems, people)
