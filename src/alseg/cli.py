@@ -359,6 +359,31 @@ def import_(
 
 
 @app.command()
+def remeasure(
+    exp_dir: Annotated[Path, typer.Argument(help="experiment directory (not running)")],
+    force: Annotated[
+        bool, typer.Option("--force", help="measure again the rounds that already have measures too")
+    ] = False,
+) -> None:
+    """Compute the corrected voxels and strokes of an experiment's regions again from its stored models (simulated)
+    or imported files and work packages (human), and store them; rounds already measured are skipped."""
+    from alseg.loop.remeasure import remeasure_experiment
+
+    def show(result: Any) -> None:
+        for line in result.warnings:
+            err_console.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
+        sys.stdout.write(result.line() + "\n")
+        sys.stdout.flush()
+
+    results = _guarded(remeasure_experiment, exp_dir, force, report=show)
+    if not results:
+        sys.stdout.write(f"{exp_dir}: no annotated regions yet; nothing to measure\n")
+    else:
+        done = sum(1 for r in results if not r.skipped)
+        sys.stdout.write(f"{exp_dir}: {done} of {len(results)} rounds measured, {len(results) - done} skipped\n")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="experiment directory")] = Path("demo_exp"),
     strategy: Annotated[str, typer.Option(help="query strategy")] = "random_fg33",
@@ -401,7 +426,23 @@ Baseline = Annotated[
     str | None, typer.Option("--baseline", help="strategy the significance marks refer to (default: random)")
 ]
 FullData = Annotated[list[Path] | None, typer.Option("--full-data", help="full-data reference experiment (repeatable)")]
-AubcX = Annotated[str, typer.Option("--aubc-x", help="AUBC's x axis: 'round' (default) or 'voxels'")]
+AubcX = Annotated[
+    str | None,
+    typer.Option(
+        "--aubc-x",
+        help="AUBC's x axis: 'round' (the default without --cost), 'cost' (the --cost axis; the default with --cost) "
+        "or 'voxels' (annotated voxels)",
+    ),
+]
+Cost = Annotated[
+    str | None,
+    typer.Option(
+        "--cost",
+        help="the cumulative cost the learning curves (and, unless --aubc-x says otherwise, AUBC) are drawn against: "
+        "voxels (default), fg_voxels, corrected_voxels or strokes; a run without correction measures makes the "
+        "last two fall back to voxels, with a note",
+    ),
+]
 
 
 @app.command()
@@ -413,16 +454,26 @@ def report(
     ] = None,
     baseline: Baseline = None,
     full_data: FullData = None,
-    aubc_x: AubcX = "round",
+    aubc_x: AubcX = None,
     figures: Annotated[
         Path | None, typer.Option("--figures", help="also save the figures as PNG files into this folder")
     ] = None,
+    cost: Cost = None,
 ) -> None:
     """Write one self-contained HTML report (curves, PPM, tables, queried regions) from saved results."""
     from alseg.report.html import build_report
 
     cmp = _guarded(
-        build_report, exp_dirs, out, full_data or (), baseline, csv, aubc_x, "Active-learning report", figures
+        build_report,
+        exp_dirs,
+        out,
+        full_data or (),
+        baseline,
+        csv,
+        aubc_x,
+        "Active-learning report",
+        figures,
+        cost=cost,
     )
     res = cmp.results
     err_console.print(
@@ -438,7 +489,8 @@ def compare(
     exp_dirs: ExpDirs,
     baseline: Baseline = None,
     full_data: FullData = None,
-    aubc_x: AubcX = "round",
+    aubc_x: AubcX = None,
+    cost: Cost = None,
 ) -> None:
     """Print the comparison table: AUBC, final Dice, FG-Eff and Φ per strategy (mean ± std over seeds)."""
     from alseg.report.compare import compare as compare_results
@@ -446,7 +498,7 @@ def compare(
     from alseg.report.results import load_results
 
     res = _guarded(load_results, exp_dirs, full_data or ())
-    cmp = _guarded(compare_results, res, baseline, aubc_x)
+    cmp = _guarded(compare_results, res, baseline, aubc_x, cost)
     console = Console(width=None if sys.stdout.isatty() else 160)
     if cmp.summary.empty:
         console.print("no evaluated rounds yet", markup=False)
@@ -471,7 +523,8 @@ def compare(
             table.add_row("full data (reference)", "", "1", "", f"{ref:.3f}", "", "", "")
         console.print(table)
     mark = f"▲/▼: significantly above/below {cmp.baseline} (paired t-test over seeds, p < 0.05)" if cmp.baseline else ""
-    for line in [mark, cmp.ppm_note or "", *cmp.notes]:
+    x = "round index" if cmp.aubc_column == "round" else cmp.aubc_column
+    for line in [f"AUBC: x = {x}, normalised to [0, 1]", mark, cmp.ppm_note or "", *cmp.notes]:
         if line:
             console.print(line, markup=False, highlight=False)
 

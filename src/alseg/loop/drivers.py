@@ -3,6 +3,8 @@ an experiment that people annotate, up to the next round's work package)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from alseg.config import ExperimentConfig
@@ -29,21 +31,12 @@ def advance_experiment(
         raise ExperimentError(
             f"{exp_dir} annotates from ground truth (oracle: {cfg.oracle}); use `alseg run` to continue"
         )
-    with experiment_lock(exp_dir):
-        handler = setup_logging(exp_dir)
-        warn_if_network_filesystem(exp_dir)
+    with experiment_lock(exp_dir), logged(exp_dir):
+        exp = Experiment(exp_dir, cfg, backend_factory)
         try:
-            exp = Experiment(exp_dir, cfg, backend_factory)
-            try:
-                waiting = exp.run(allow_open=allow_open)
-            finally:
-                exp.state.close()
-        except Exception as err:
-            log_failure(err)
-            raise
+            waiting = exp.run(allow_open=allow_open)
         finally:
-            log.removeHandler(handler)
-            handler.close()
+            exp.state.close()
     if waiting is not None and not waiting.exported_now:
         shown = ", ".join(f"{rid} ({cid})" for rid, cid in waiting.open_regions[:20])
         more = len(waiting.open_regions) - min(20, len(waiting.open_regions))
@@ -78,14 +71,22 @@ def run_experiment(
 
 def run_logged(kind: type[Experiment], exp_dir: Path, cfg: ExperimentConfig, backend_factory: BackendFactory) -> None:
     """Run an experiment of class ``kind`` to its end with the log file attached (the caller holds the lock)."""
-    handler = setup_logging(exp_dir)
-    warn_if_network_filesystem(exp_dir)
-    try:
+    with logged(exp_dir):
         exp = kind(exp_dir, cfg, backend_factory)
         try:
             exp.run()
         finally:
             exp.state.close()
+
+
+@contextlib.contextmanager
+def logged(exp_dir: Path) -> Iterator[None]:
+    """``alseg.log`` attached while the block runs; a failure's traceback goes to it (the terminal gets the
+    message from the command line); a warning when the folder lies on a network file system."""
+    handler = setup_logging(exp_dir)
+    warn_if_network_filesystem(exp_dir)
+    try:
+        yield
     except Exception as err:
         log_failure(err)
         raise

@@ -7,7 +7,7 @@ otherwise against background. The training labels are the ground truth either wa
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -21,7 +21,7 @@ from alseg.data.regions import Box, annotated_mask
 from alseg.evaluation.correction import RegionCost, correction_cost
 from alseg.oracle.base import Annotation, ModelSegmentations, Waiting, checked_segmentations
 from alseg.store.layout import round_dir
-from alseg.store.state import ExperimentState
+from alseg.store.state import ExperimentState, StoredRegion
 
 
 class SimulatedOracle:
@@ -60,16 +60,12 @@ class SimulatedOracle:
         fg: dict[int, dict[str, int]] = {}
         costs: dict[int, RegionCost] = {}
         cases = sorted({sr.region.case_id for sr in chosen})
-        kind = PREFILL_MODEL if r > 0 and self.segmentations is not None else PREFILL_NONE
-        predicted = None
-        if kind == PREFILL_MODEL and self.segmentations is not None:
-            predicted = checked_segmentations(self.segmentations, r - 1, cases, self.ds)
+        predicted = prefill_segmentations(self.segmentations, r, cases, self.ds)
+        kind = PREFILL_NONE if predicted is None else PREFILL_MODEL
         for case_id in tqdm(cases, desc=f"round {r}: annotate", unit="case", leave=False):
             gt = self.ground_truth(case_id)
             mine = [sr for sr in chosen if sr.region.case_id == case_id]
-            prefill = None
-            if predicted is not None:
-                prefill = prefill_label(next(predicted), [sr.region.box for sr in mine], self.ds.labels)
+            costs.update(measure_case(gt, None if predicted is None else next(predicted), mine, self.ds.labels))
             mask = annotated_mask(gt.shape, boxes[case_id])
             path = label_dir / f"{case_id}.nii.gz"
             sha = write_label_nifti(path, partial_label(gt, mask, self.ignore_value), self.ds.geometry(case_id))
@@ -77,6 +73,31 @@ class SimulatedOracle:
             for sr in mine:
                 sel = gt[sr.region.box.slices()]
                 fg[sr.id] = {str(lab): int(np.count_nonzero(sel == lab)) for lab in self.ds.foreground_labels}
-                costs[sr.id] = correction_cost(gt, prefill, sr.region.box, kind)
         detail = {"cases": len(files), "prefill": kind}
         return Annotation(files, fg, "simulated", detail, costs=costs)
+
+
+def prefill_segmentations(
+    segmentations: ModelSegmentations | None, round_index: int, case_ids: Sequence[str], ds: Dataset
+) -> Iterator[np.ndarray] | None:
+    """The segmentations the regions of round ``round_index`` in ``case_ids`` (in that order) start from: the
+    model of the round before predicts them (:func:`~alseg.oracle.base.checked_segmentations`); None in round 0
+    or without ``segmentations`` (``prefill: false``), when every region starts from background."""
+    if round_index == 0 or segmentations is None:
+        return None
+    return checked_segmentations(segmentations, round_index - 1, case_ids, ds)
+
+
+def measure_case(
+    label: np.ndarray,
+    segmentation: np.ndarray | None,
+    regions: Sequence[StoredRegion],
+    labels: Mapping[int, str],
+) -> dict[int, RegionCost]:
+    """The correction cost of a case's regions of one round: ``label`` (the ground truth) against the prefill made
+    from ``segmentation`` (the model's prediction inside the regions, declared ``labels`` only), or against
+    background when ``segmentation`` is None. Returns ``{region id: cost}``."""
+    if segmentation is None:
+        return {sr.id: correction_cost(label, None, sr.region.box, PREFILL_NONE) for sr in regions}
+    prefill = prefill_label(segmentation, [sr.region.box for sr in regions], labels)
+    return {sr.id: correction_cost(label, prefill, sr.region.box, PREFILL_MODEL) for sr in regions}

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from alseg.report.compare import AubcX, Comparison, compare, format_mean_std, write_csv
+from alseg.report.compare import AubcX, Comparison, CostAxis, compare, format_mean_std, write_csv
+from alseg.report.costs import annotators_section, cost_axes_section
 from alseg.report.gallery import render_gallery
 from alseg.report.markup import escape as _e
 from alseg.report.markup import img as _img
@@ -28,7 +29,7 @@ from alseg.report.markup import note as _note
 from alseg.report.markup import num as _num
 from alseg.report.markup import table as _table
 from alseg.report.plots import cost_figure, learning_curves_figure, metrics_figure, ppm_figure, strategy_colors
-from alseg.report.results import Results, load_results
+from alseg.report.results import COST_AXES, Results, load_results
 from alseg.report.stopping import stopping_section
 
 __all__ = ["SECTIONS", "build_report", "render_html", "write_figures"]
@@ -38,6 +39,8 @@ SECTIONS = [
     ("experiments", "Experiments"),
     ("learning-curves", "Learning curves"),
     ("annotation-cost", "Annotation cost"),
+    ("cost-axes", "Cost axes"),
+    ("annotators", "Annotators"),
     ("ppm", "Pairwise penalty matrix"),
     ("summary-table", "Summary table"),
     ("rankings", "Rankings"),
@@ -161,7 +164,8 @@ def _section_curves(cmp: Comparison, colors: dict, labels: dict[str, str]) -> tu
             parts.append(_note("no full-data reference for this dataset: no dashed upper-bound line"))
         parts.append(
             _img(
-                learning_curves_figure(rows, colors, ref, f"Learning curves: {setting}"), f"learning curves: {setting}"
+                learning_curves_figure(rows, colors, ref, f"Learning curves: {setting}", cmp.cost_axis),
+                f"learning curves: {setting}",
             )
         )
         parts.append(
@@ -175,7 +179,8 @@ def _section_curves(cmp: Comparison, colors: dict, labels: dict[str, str]) -> tu
         0,
         '<p class="muted">Held-out Dice (3D, foreground mean over classes, mean over test cases) after each round. '
         "Thick line: mean over seeds; band: ± 1 standard deviation over seeds; thin lines: single seeds; "
-        "dashed: full-data reference (all pool cases fully labelled, same schedule).</p>",
+        "dashed: full-data reference (all pool cases fully labelled, same schedule). Cost axis "
+        f"(<code>--cost</code>): {_e(COST_AXES[cmp.cost_axis])}; every axis in the Cost axes section.</p>",
     )
     return "".join(parts), n
 
@@ -254,7 +259,7 @@ def _section_summary(cmp: Comparison) -> str:
     s = cmp.summary
     if s.empty or cmp.results.al_rounds.empty:
         return _note("no evaluated rounds yet")
-    x = "round index" if cmp.aubc_x == "round" else "annotated voxels"
+    x = "round index" if cmp.aubc_column == "round" else COST_AXES[cmp.aubc_column]
     parts = [
         f'<p class="muted">Mean ± standard deviation over seeds. AUBC: area under the Dice curve with x = {x} '
         "normalised to [0, 1]. Final Dice: last evaluated round. FG-Eff: b of the fit Dice(x) = c − a·exp(−b·(x − x₀)) "
@@ -367,10 +372,13 @@ def render_html(cmp: Comparison, title: str = "Active-learning report") -> str:
     cost, _ = _section_cost(cmp, colors, labels)
     ppm, _ = _section_ppm(cmp)
     gallery, _ = _section_gallery(cmp)
+    axes, _ = cost_axes_section(cmp, colors)
     bodies = {
         "experiments": _section_experiments(cmp),
         "learning-curves": curves,
         "annotation-cost": cost,
+        "cost-axes": axes,
+        "annotators": annotators_section(res),
         "ppm": ppm,
         "summary-table": _section_summary(cmp),
         "rankings": _section_rankings(cmp),
@@ -419,16 +427,19 @@ def build_report(
     full_data: Sequence[Path] = (),
     baseline: str | None = None,
     csv_dir: Path | None = None,
-    aubc_x: AubcX = "round",
+    aubc_x: AubcX | None = None,
     title: str = "Active-learning report",
     figures_dir: Path | None = None,
+    cost: CostAxis | None = None,
 ) -> Comparison:
     """Load the experiments, compare them and write the HTML report to ``out``.
 
     Optionally the tables as CSV files into ``csv_dir`` and the figures as PNG files into ``figures_dir``.
+    ``cost``: the cost axis of the learning curves (default annotated voxels); ``aubc_x``: AUBC's x (default the
+    round index, or the cost axis when ``cost`` is given; see :func:`alseg.report.compare.compare`).
     """
     results = load_results(exp_dirs, full_data)
-    cmp = compare(results, baseline=baseline, aubc_x=aubc_x)
+    cmp = compare(results, baseline=baseline, aubc_x=aubc_x, cost=cost)
     page = render_html(cmp, title)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
