@@ -369,9 +369,7 @@ def remeasure(
     or imported files and work packages (human), and store them; rounds already measured are skipped."""
     from alseg.loop.remeasure import remeasure_experiment
 
-    def show(result: Any) -> None:
-        for line in result.warnings:
-            err_console.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
+    def show(result: Any) -> None:  # a round's warnings are on the terminal already (from the experiment's log)
         sys.stdout.write(result.line() + "\n")
         sys.stdout.flush()
 

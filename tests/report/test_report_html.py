@@ -52,12 +52,13 @@ def test_report_has_every_section_and_image(exps: dict[str, Any], tmp_path: Path
     images = IMG_RE.findall(page)
     for _, data in images:
         assert base64.b64decode(data).startswith(PNG_MAGIC)
-    # learning curves + per-round metrics, cost, PPM, one gallery per strategy (3)
+    # learning curves + per-round metrics, cost, Dice against each cost axis, PPM, one gallery per strategy (3)
     assert len(IMG_RE.findall(sections["learning-curves"])) == 2
     assert len(IMG_RE.findall(sections["annotation-cost"])) == 1
+    assert len(IMG_RE.findall(sections["cost-axes"])) == 1
     assert len(IMG_RE.findall(sections["ppm"])) == 1
     assert len(IMG_RE.findall(sections["queried-regions"])) == len(STRATEGIES) + 1
-    assert len(images) == 2 + 1 + 1 + len(STRATEGIES) + 1
+    assert len(images) == 2 + 1 + 1 + 1 + len(STRATEGIES) + 1
     # the summary names every strategy, the baseline and the reference; the running run is flagged
     summary = sections["summary-table"]
     for strategy in [*STRATEGIES, RUNNING]:
