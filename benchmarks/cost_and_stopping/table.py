@@ -33,6 +33,8 @@ def rows_of(exp: Path) -> list[dict[str, Any]]:
                 "round": row["round"],
                 "regions_added": added,
                 "voxels_total": row["annotated_voxels"],
+                "fg_total": row["annotated_fg_voxels"],
+                "fg_added": row["annotated_fg_voxels"] - (out[-1]["fg_total"] if out else 0),
                 "voxels_added": voxels_added,
                 "measured_total": row["n_regions_measured"],
                 "corrected_added": row["corrected_voxels_added"] if complete else None,
@@ -59,13 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="write the numbers here")
     args = ap.parse_args(argv)
     table = [r for exp in args.experiments for r in rows_of(exp)]
-    head = ["strategy", "round", "voxels queried", "corrected (share)", "strokes", "stability", "recommendation"]
+    head = ["strategy", "round", "voxels queried", "fg voxels", "corrected (share)", "strokes", "stability"]
+    head.append("recommendation")
     print("| " + " | ".join([*head, "held-out Dice"]) + " |")
     print("|---|---|---|---|---|---|---|---|")
     for r in table:
         share = "—" if r["corrected_share"] is None else f"{r['corrected_added']} ({r['corrected_share']:.1%})"
         print(
-            f"| {r['strategy']} | {r['round']} | {r['voxels_added']} | {share} | {fmt(r['strokes_added'], 'd')} | "
+            f"| {r['strategy']} | {r['round']} | {r['voxels_added']} | {r['fg_added']} | {share} | "
+            f"{fmt(r['strokes_added'], 'd')} | "
             f"{fmt(r['stability'], '.3f')} | {r['recommendation'] or '—'} | {fmt(r['dice'], '.3f')} |"
         )
     if args.json is not None:
