@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     head = ["strategy", "round", "voxels queried", "fg voxels", "corrected (share)", "strokes", "stability"]
     head.append("recommendation")
     print("| " + " | ".join([*head, "held-out Dice"]) + " |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|" + "---|" * (len(head) + 1))
     for r in table:
         share = "—" if r["corrected_share"] is None else f"{r['corrected_added']} ({r['corrected_share']:.1%})"
         print(
