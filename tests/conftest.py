@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -169,3 +171,25 @@ def demo_cases(tmp_path: Path) -> Callable[[int], Path]:
         return copy_demo_cases(tmp_path / "Hippocampus", n_cases)
 
     return make
+
+
+@contextlib.contextmanager
+def lock_held_by_another_process(exp_dir: Path) -> Iterator[subprocess.Popen]:
+    """Another process holds ``exp_dir``'s experiment lock while the block runs; yields that process."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom pathlib import Path\nfrom alseg.store.state import experiment_lock\n"
+            "with experiment_lock(Path(sys.argv[1])):\n    print('locked', flush=True)\n    time.sleep(60)\n",
+            str(exp_dir),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)

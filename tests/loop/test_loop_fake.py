@@ -29,7 +29,7 @@ from alseg.loop.drivers import run_experiment
 from alseg.loop.status import experiment_status
 from alseg.store.layout import DB_FILE, KILL_ENV
 from alseg.store.state import ExperimentLockedError, ExperimentState
-from conftest import TESTS_DIR, RecordingFactory, make_config, write_config
+from conftest import TESTS_DIR, RecordingFactory, lock_held_by_another_process, make_config, write_config
 from fake_backend import PREPARED_FILE, read_model
 
 STRATEGIES = ("random_fg33", "entropy")
@@ -296,25 +296,10 @@ def test_reopening_with_a_different_config_names_the_key(
 
 def test_a_second_process_on_the_same_experiment_is_refused(finished: dict[str, Any]) -> None:
     exp, _ = finished["random_fg33"]
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time\nfrom pathlib import Path\nfrom alseg.store.state import experiment_lock\n"
-            "with experiment_lock(Path(sys.argv[1])):\n    print('locked', flush=True)\n    time.sleep(60)\n",
-            str(exp),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    with lock_held_by_another_process(exp) as holder:
         with pytest.raises(ExperimentLockedError) as info:
             run_experiment(None, exp, _no_backend)
         assert str(exp) in str(info.value) and str(holder.pid) in str(info.value)
-    finally:
-        holder.kill()
-        holder.wait(timeout=30)
 
 
 def test_split_is_deterministic(finished: dict[str, Any], _synthetic_template: Path) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
-import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -30,7 +29,7 @@ from alseg.loop.remeasure import remeasure_experiment
 from alseg.oracle.importer import import_labels
 from alseg.store.layout import DB_FILE, KILL_ENV
 from alseg.store.state import ExperimentLockedError
-from conftest import TESTS_DIR, make_config
+from conftest import TESTS_DIR, lock_held_by_another_process, make_config
 from fake_backend import MODEL_FILE, FakeBackend
 
 sys.path.insert(0, str(TESTS_DIR / "oracle"))
@@ -231,27 +230,12 @@ def test_a_missing_model_is_named_and_nothing_changes(run_copy: tuple[Path, dict
 def test_a_running_experiment_is_refused(run_copy: tuple[Path, dict]) -> None:
     exp, _ = run_copy
     _delete_costs(exp)
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time\nfrom pathlib import Path\nfrom alseg.store.state import experiment_lock\n"
-            "with experiment_lock(Path(sys.argv[1])):\n    print('locked', flush=True)\n    time.sleep(60)\n",
-            str(exp),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    with lock_held_by_another_process(exp) as holder:
         with pytest.raises(ExperimentLockedError) as info:
             remeasure_experiment(exp, backend_factory=CountingFactory())
         assert str(exp) in str(info.value) and str(holder.pid) in str(info.value) and "in use" in str(info.value)
         result = CliRunner().invoke(app, ["remeasure", str(exp)])
         assert result.exit_code == 1 and "in use by process" in result.output
-    finally:
-        holder.kill()
-        holder.wait(timeout=30)
     assert _rows(exp) == {}
 
 
