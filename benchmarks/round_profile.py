@@ -6,7 +6,9 @@ with ``entropy`` so that round 1 has every stage: predict the pool with the roun
 Predict, score and select are then timed separately on the same model and pool. Target (issue 2): the query
 stages (predict + score + select) take at most 25% of the round. The evaluate stage also predicts the stop set
 and computes the stopping signals (issue 13): ``stop_set`` reports that step's time (from the stage's record)
-and its share of the round (target: a few percent).
+and its share of the round (target: a few percent). ``prefill_export`` times the human oracle's work package of
+round 1 with the prefill (predict the round's cases with the round-0 model, write the boxes' prediction, the
+masks and the images) into a scratch folder: the export a person would get, against the simulated round.
 
 Peak memory: this process's peak RSS is reset before each stage (Linux ``/proc/self/clear_refs``); training
 runs in a child process whose peak RSS is reported separately.
@@ -97,6 +99,23 @@ def main() -> None:
     select_s, select_mb = time.perf_counter() - t, peak_mb()
     assert len(chosen) == cfg.query_size
 
+    # the human work package of round 1 with its prefill, written into a scratch copy of the folder's layout
+    from alseg.loop.prefill import model_segmentations
+    from alseg.oracle.package import export_work_package
+    from alseg.store.layout import model_dir
+
+    scratch = args.work / "export"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch_model = model_dir(scratch, 0)
+    scratch_model.parent.mkdir(parents=True)
+    scratch_model.symlink_to(model.resolve(), target_is_directory=True)
+    segs = model_segmentations(lambda: exp.backend, scratch, cfg.seed)
+    t = time.perf_counter()
+    wrote = export_work_package(scratch, exp.state, exp.ds, 1, segs)
+    export_s = time.perf_counter() - t
+    assert wrote, "the scratch work package was not written"
+    export_cases = len({g.region.case_id for g in exp.state.regions(round_index=1)})
+
     round_s = sum(stages[s]["seconds"] for s in ("query", "annotate", "train", "evaluate"))
     query_s = stages["query"]["seconds"]
     stop = (stages["evaluate"].get("detail") or {}).get("stopping") or {}  # inside the evaluate stage
@@ -121,6 +140,11 @@ def main() -> None:
             "seconds": stop.get("seconds"),
             "signals_seconds": stop.get("compute_seconds"),
             "fraction_of_round": None if stop.get("seconds") is None else round(stop["seconds"] / round_s, 4),
+        },
+        "prefill_export": {
+            "cases": export_cases,
+            "seconds": round(export_s, 2),
+            "fraction_of_round": round(export_s / round_s, 4),
         },
         "query_stage_seconds_in_loop": round(query_s, 2),
         "query_fraction_of_round": round(query_s / round_s, 4),
