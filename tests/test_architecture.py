@@ -29,6 +29,7 @@ LAYERS = {
     "alseg.oracle": 4,
     "alseg.loop": 5,
     "alseg.report": 6,
+    "alseg.study": 6,
     "alseg.cli": 6,
     "alseg.demo": 6,
 }

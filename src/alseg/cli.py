@@ -527,5 +527,65 @@ def compare(
             console.print(line, markup=False, highlight=False)
 
 
+@app.command()
+def bench(
+    study: Annotated[Path, typer.Argument(help="study file (YAML): settings, strategies, seeds")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="study folder (created or resumed)")],
+    executor: Annotated[
+        str, typer.Option("--executor", help="'local': one run after another in this process; 'ray': Ray tasks")
+    ] = "local",
+    address: Annotated[
+        str | None, typer.Option("--address", help="Ray cluster address (ray start --head); default a local Ray")
+    ] = None,
+    cpus_per_run: Annotated[int, typer.Option("--cpus-per-run", min=1, help="Ray: CPUs (and threads) per run")] = 2,
+    num_cpus: Annotated[
+        int | None, typer.Option("--num-cpus", min=1, help="Ray without --address: CPUs of the local instance")
+    ] = None,
+    dataset: Annotated[
+        Path | None, typer.Option("--dataset", help="dataset folder for every setting, instead of the study's")
+    ] = None,
+    allow_version_change: Annotated[
+        bool,
+        typer.Option(
+            "--allow-version-change",
+            help="continue runs last run under another alseg version or commit (recorded in OUT/study.json)",
+        ),
+    ] = False,
+    report_only: Annotated[
+        bool, typer.Option("--report-only", help="write the report of the runs so far and run nothing")
+    ] = False,
+) -> None:
+    """Run a study: every setting × strategy × seed, round 0 trained once per group, then the report."""
+    from alseg.study.runner import report_runs, run_study
+
+    if report_only:
+        html = _guarded(report_runs, study, out, dataset)
+        err_console.print(f"wrote {html}", markup=False, highlight=False)
+        return
+    if executor == "local":
+        from alseg.study.executors import InProcessExecutor
+
+        ex: Any = InProcessExecutor()
+    elif executor == "ray":
+        from alseg.study.executors import RayExecutor
+
+        ex = _guarded(RayExecutor, address=address, cpus_per_run=cpus_per_run, num_cpus=num_cpus)
+    else:
+        _fail(f"--executor {executor!r}: expected 'local' or 'ray'")
+
+    def say(line: str) -> None:
+        err_console.print(line, markup=False, highlight=False)
+
+    _guarded(
+        run_study,
+        study,
+        out,
+        executor=ex,
+        allow_version_change=allow_version_change,
+        dataset=None if dataset is None else dataset.expanduser().resolve(),
+        say=say,
+    )
+
+
 if __name__ == "__main__":
     app()

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from alseg.data.fingerprint import (
     fingerprint_to_json,
 )
 from alseg.data.region_files import load_starting_regions, regions_to_json
-from alseg.data.regions import default_region_size, default_slice_axis, unit_box_size
+from alseg.data.regions import Region, default_region_size, default_slice_axis, unit_box_size
 from alseg.data.split import split_pool_and_test
 from alseg.durable import fsync_dir, fsync_tree
 from alseg.errors import ExperimentError
@@ -115,11 +116,21 @@ def capacity(ds: Dataset, pool: list[str], cfg: ExperimentConfig) -> int:
 
 
 # --------------------------------------------------------------------------- creation
-def create_experiment(cfg: ExperimentConfig, exp_dir: Path) -> ExperimentConfig:
-    """Validate everything, then create ``exp_dir`` atomically. Nothing is written on bad input."""
-    exp_dir = Path(exp_dir)
-    if exp_dir.exists() and any(exp_dir.iterdir()):
-        raise ExperimentError(f"{exp_dir} exists and is not an alseg experiment (no {CONFIG_FILE})")
+@dataclass(frozen=True)
+class Validated:
+    """A new experiment's config, resolved and checked against its dataset (nothing written yet)."""
+
+    cfg: ExperimentConfig
+    ds: Dataset
+    pool: list[str]
+    test: list[str]
+    start_regions: list[Region] | None
+    human: bool
+
+
+def validate_new(cfg: ExperimentConfig) -> Validated:
+    """Resolve ``cfg``'s defaults and check everything a new experiment needs: the dataset, the strategy and its
+    uncertainty source, the starting regions and the pool's capacity for every round. Raises ConfigError."""
     ds = load_dataset(cfg.dataset, require_labels=False)
     human = cfg.oracle == "human" or not any(ds.has_label(c) for c in ds.case_ids)
     if not human:
@@ -166,6 +177,16 @@ def create_experiment(cfg: ExperimentConfig, exp_dir: Path) -> ExperimentConfig:
             f"{len(pool)} cases holds at most {cap} non-overlapping {cfg.unit} regions of size "
             f"{cfg.region_size}"
         )
+    return Validated(cfg, ds, pool, test, start_regions, human)
+
+
+def create_experiment(cfg: ExperimentConfig, exp_dir: Path) -> ExperimentConfig:
+    """Validate everything, then create ``exp_dir`` atomically. Nothing is written on bad input."""
+    exp_dir = Path(exp_dir)
+    if exp_dir.exists() and any(exp_dir.iterdir()):
+        raise ExperimentError(f"{exp_dir} exists and is not an alseg experiment (no {CONFIG_FILE})")
+    v = validate_new(cfg)
+    cfg, ds, pool, test, start_regions, human = v.cfg, v.ds, v.pool, v.test, v.start_regions, v.human
     pool_fg: dict[str, int] = defaultdict(int)
     for cid in pool if not human else ():  # the human oracle's pool has no ground truth to count
         gt = ds.read_label(cid)
@@ -175,7 +196,7 @@ def create_experiment(cfg: ExperimentConfig, exp_dir: Path) -> ExperimentConfig:
 
     parent = exp_dir.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
-    for old in _remove_leftovers(exp_dir):
+    for old in remove_leftovers(exp_dir):
         log.warning("removed %s, left by a creation of %s that was stopped", old, exp_dir)
     tmp = parent / f".{exp_dir.name}.creating-{os.getpid()}"
     tmp.mkdir()
@@ -243,7 +264,7 @@ def creation_lock_path(exp_dir: Path) -> Path:
     return exp_dir.parent / f".{exp_dir.name}.lock"
 
 
-def _remove_leftovers(exp_dir: Path) -> list[Path]:
+def remove_leftovers(exp_dir: Path) -> list[Path]:
     """Remove the temporary folders (``.{name}.creating-PID``) of creations that were killed; call under the
     creation lock (no creation of the folder runs then)."""
     exp_dir = Path(exp_dir).resolve()
