@@ -77,9 +77,7 @@ def test_every_cell_runs_and_round_0_is_trained_once_per_seed(study: dict[str, A
             meta = dict(sqlite3.connect(exp / "alseg.sqlite").execute("SELECT key, value FROM meta").fetchall())
             assert json.loads(meta[FORK_META])["base"] == str(base.resolve())
     # the fake backend's round-0 trainings: one per base, none in the forked runs (their round 1 warm-starts)
-    round0 = [
-        c for b in study["factory"].backends for c in b.calls if c[0] == "train" and "round0" in str(b.exp_dir)
-    ]
+    round0 = [c for b in study["factory"].backends for c in b.calls if c[0] == "train" and "round0" in str(b.exp_dir)]
     assert len(round0) == 2
     forked_trains = [
         (b.exp_dir.name, len([c for c in b.calls if c[0] == "train"]))
@@ -174,7 +172,7 @@ def test_fork_refuses_another_round_0(study: dict[str, Any], tmp_path: Path, _sy
         ({"strategies": ["random", "random"]}, r"strategies \['random'\] appear twice"),
         ({"settings": {"box8": {**SETTING, "strategy": "random"}}}, r"setting 'box8' sets \['strategy'\]"),
         ({"settings": {"a b": SETTING}}, r"setting 'a b' cannot name a folder"),
-        ({"settings": {"box8": {**SETTING, "regoin_size": [8, 8, 8]}}}, r"(?s)setting 'box8', strategy 'random'.*regoin"),
+        ({"settings": {"box8": {**SETTING, "regoin_size": [8]}}}, r"(?s)setting 'box8', strategy 'random'.*regoin"),
         ({"seeds": []}, r"key 'seeds'"),
         ({"strategies": ["nope"]}, r"study cell box8/nope/seed0: .*nope"),
         ({"strategies": ["bald"]}, r"study cell box8/bald/seed0: .*uncertainty.source is 'softmax'"),
