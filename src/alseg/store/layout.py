@@ -38,6 +38,7 @@ LOG_FILE = "alseg.log"
 PROGRESS_FILE = "progress.json"  # the stage running now (see loop.progress.StageProgress); absent between runs
 STAGES = ("query", "annotate", "train", "evaluate")
 KILL_ENV = "ALSEG_KILL_AT"
+KILL_ONCE_ENV = "ALSEG_KILL_ONCE"
 # keys of the state database's meta table that more than one package reads
 FULL_DATA_META = "full_data"  # marks a full-data reference run (alseg.loop.full_data); the report reads it
 FINGERPRINT_META = "dataset_fingerprint"  # the dataset's files at creation (alseg.data.fingerprint), kept current
@@ -62,10 +63,18 @@ def fault_point(name: str, round_index: int) -> None:
     """Crash-safety testing hook: SIGKILL this process at ``name`` when ``ALSEG_KILL_AT`` names it.
 
     ``ALSEG_KILL_AT="query.before_commit:1"`` kills the process just before round 1's query commits. Tests
-    use it to prove that a kill at any point leaves a resumable experiment; it does nothing otherwise.
+    use it to prove that a kill at any point leaves a resumable experiment; it does nothing otherwise. With
+    ``ALSEG_KILL_ONCE=FILE`` it kills only while FILE does not exist, and creates it first (one kill among
+    processes that share the environment, such as a Ray cluster's workers).
     """
     target = os.environ.get(KILL_ENV)
     if target and target == f"{name}:{round_index}":
+        once = os.environ.get(KILL_ONCE_ENV)
+        if once:
+            try:
+                os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return
         os.kill(os.getpid(), signal.SIGKILL)
 
 

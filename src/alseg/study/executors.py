@@ -34,6 +34,8 @@ class Executor(Protocol):
     name: str
     slots: int  # runs that execute at the same time (for the time estimate)
 
+    def start(self) -> None: ...
+
     def run(self, runs: Sequence[StudyRun], on_done: OnDone) -> None: ...
 
 
@@ -46,6 +48,9 @@ class InProcessExecutor:
     def __init__(self, num_threads: int | None = None, backend_factory: BackendFactory | None = None) -> None:
         self.num_threads = num_threads
         self.backend_factory = backend_factory  # None: nnU-Net (tests pass a fake one)
+
+    def start(self) -> None:
+        pass
 
     def run(self, runs: Sequence[StudyRun], on_done: OnDone) -> None:
         for run in runs:
@@ -81,8 +86,9 @@ class RayExecutor:
         self.num_cpus = num_cpus
         self.name = f"Ray at {address}" if address else "a local Ray instance"
         self.slots = 1
+        self.slots_known = False
 
-    def _start(self) -> None:
+    def start(self) -> None:
         ray = self.ray
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
@@ -91,7 +97,15 @@ class RayExecutor:
             elif self.num_cpus is not None:
                 kwargs["num_cpus"] = self.num_cpus
             ray.init(**kwargs)
-        cpus = int(ray.cluster_resources().get("CPU", 1))
+        if self.slots_known:
+            return
+        self.slots_known = True
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+        if cpus < self.cpus_per_run:
+            raise AlsegError(
+                f"the Ray cluster has {cpus} CPUs but each run asks for {self.cpus_per_run} (--cpus-per-run); "
+                "lower --cpus-per-run or add workers (ray start --address ...)"
+            )
         self.slots = max(1, cpus // max(1, self.cpus_per_run))
         self.name = f"{self.name}, {cpus} CPUs, {self.slots} runs at a time"
 
@@ -101,7 +115,7 @@ class RayExecutor:
         return 1.0 if run.cell.cfg.profile == "gpu" else 0.0
 
     def run(self, runs: Sequence[StudyRun], on_done: OnDone) -> None:
-        self._start()
+        self.start()
         ray = self.ray
         remote_run = ray.remote(execute_run)
         remote_base = ray.remote(run_base)

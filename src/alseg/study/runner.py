@@ -328,6 +328,8 @@ def run_study(
             "continue them under this one (study.json records which call ran under which version)"
         )
     outcome = StudyOutcome(total=len(runs), done_before=len(runs) - len(todo))
+    if todo:
+        executor.start()
     say(f"study {spec.name}: {outcome.done_before} of {len(runs)} runs done; {len(todo)} to run ({executor.name})")
     for run in todo:
         record.start(run.id, version, commit, run_progress(run)[0])
