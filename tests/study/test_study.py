@@ -15,7 +15,7 @@ from alseg.config import ConfigError
 from alseg.errors import ExperimentError
 from alseg.loop.fork import FORK_META, fork_round0
 from alseg.study.executors import InProcessExecutor
-from alseg.study.runner import STUDY_FILE, StudyError, plan_runs, run_study
+from alseg.study.runner import STUDY_FILE, StudyError, alseg_commit, plan_runs, run_study, same_source
 from alseg.study.spec import load_study
 from conftest import RecordingFactory, make_config
 
@@ -199,3 +199,12 @@ def test_entries_with_their_own_uncertainty_get_their_own_base(_synthetic_templa
     assert bases["box8/random/seed0"] != bases["box8/bald/seed0"]
     assert bases["box8/random/seed0"] != bases["box8/random/seed1"]
     assert [r.id for r in runs][-1] == "box8/full_data"
+
+
+def test_same_source() -> None:
+    head = alseg_commit()
+    assert same_source(head, head)
+    assert not same_source("0" * 40, "1" * 40)  # not commits of this repository
+    assert not same_source(None, head) or head is None
+    if head is not None:
+        assert not same_source(head.removesuffix("+dirty") + "+dirty", head.removesuffix("+dirty"))

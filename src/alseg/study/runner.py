@@ -93,6 +93,23 @@ def alseg_commit() -> str | None:
     return head + ("+dirty" if dirty else "") if head else None
 
 
+def same_source(old: str | None, new: str | None) -> bool:
+    """Whether two commits (:func:`alseg_commit`) hold the same alseg source (``src/alseg``): a commit that only
+    changed documentation, tests or benchmarks runs the same code. A ``+dirty`` commit is never the same."""
+    if old == new:
+        return True
+    if not old or not new or old.endswith("+dirty") or new.endswith("+dirty"):
+        return False
+    src = Path(__file__).resolve().parents[1]
+    try:
+        diff = subprocess.run(
+            ["git", "-C", str(src), "diff", "--quiet", old, new, "--", "."], capture_output=True, timeout=20
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return diff.returncode == 0
+
+
 def plan_runs(cells: Sequence[Cell], out: Path) -> list[StudyRun]:
     """The folders of every cell: ``runs/{setting}/{strategy}/seed{N}``, bases by round-0 signature."""
     runs = []
@@ -301,7 +318,8 @@ def run_study(
 ) -> StudyOutcome:
     """Run every unfinished cell of ``study_file`` into ``out`` with ``executor`` (an
     :class:`alseg.study.executors.Executor`), then write the report. Refuses, before running anything, to
-    continue a run last run under another alseg version or commit unless ``allow_version_change``."""
+    continue a run last run under another alseg version or source (a commit whose ``src/alseg`` differs) unless
+    ``allow_version_change``."""
     spec, cells = load_study(study_file, dataset)
     check_cells(cells)
     out = Path(out)
@@ -317,13 +335,13 @@ def run_study(
             continue
         last = record.last(run.id)
         if last is not None and (run.exp_dir / CONFIG_FILE).exists():
-            if (last.get("version"), last.get("commit")) != (version, commit):
+            if last.get("version") != version or not same_source(last.get("commit"), commit):
                 changed.append(f"{run.id} (ran under {last.get('version')} {last.get('commit')})")
         todo.append(run)
     if changed and not allow_version_change:
         shown = "; ".join(changed[:10]) + (f"; and {len(changed) - 10} more" if len(changed) > 10 else "")
         raise StudyError(
-            f"{len(changed)} unfinished runs of {out} ran under another alseg version or commit than this one "
+            f"{len(changed)} unfinished runs of {out} ran under another alseg version or source than this one "
             f"({version} {commit}): {shown}. Finish them with that version, or pass --allow-version-change to "
             "continue them under this one (study.json records which call ran under which version)"
         )
