@@ -576,15 +576,19 @@ def bench(
     def say(line: str) -> None:
         err_console.print(line, markup=False, highlight=False)
 
-    _guarded(
-        run_study,
-        study,
-        out,
-        executor=ex,
-        allow_version_change=allow_version_change,
-        dataset=None if dataset is None else dataset.expanduser().resolve(),
-        say=say,
-    )
+    try:
+        _guarded(
+            run_study,
+            study,
+            out,
+            executor=ex,
+            allow_version_change=allow_version_change,
+            dataset=None if dataset is None else dataset.expanduser().resolve(),
+            say=say,
+        )
+    except KeyboardInterrupt:
+        say(f"stopped; run the same command again to resume {out}: finished runs and stages are kept")
+        raise typer.Exit(130) from None
 
 
 if __name__ == "__main__":

@@ -208,3 +208,40 @@ def test_same_source() -> None:
     assert not same_source(None, head) or head is None
     if head is not None:
         assert not same_source(head.removesuffix("+dirty") + "+dirty", head.removesuffix("+dirty"))
+
+
+def test_cli_bench_stops_on_ctrl_c_and_resumes(
+    _synthetic_template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    import alseg.study.executors as executors
+    from alseg.cli import app
+
+    class Interrupted(executors.InProcessExecutor):
+        """The fake backend; Ctrl-C after the first run when ``stop`` is set."""
+
+        stop = True
+
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(backend_factory=RecordingFactory())
+
+        def run(self, runs: Any, on_done: Any) -> None:
+            def done(run: Any, seconds: float, error: str | None) -> None:
+                on_done(run, seconds, error)
+                if Interrupted.stop:
+                    raise KeyboardInterrupt
+
+            super().run(runs, done)
+
+    monkeypatch.setattr(executors, "InProcessExecutor", Interrupted)
+    spec = write_study(tmp_path / "s.yaml", _synthetic_template, seeds=[0], full_data=False)
+    out = tmp_path / "out"
+    first = CliRunner().invoke(app, ["bench", str(spec), "--out", str(out)])
+    assert first.exit_code == 130, first.output
+    assert "0 of 3 runs done" in first.output and "stopped; run the same command again to resume" in first.output
+    Interrupted.stop = False
+    second = CliRunner().invoke(app, ["bench", str(spec), "--out", str(out)])
+    assert second.exit_code == 0, second.output
+    assert "1 of 3 runs done; 2 to run" in second.output and "[3/3 runs done]" in second.output
+    assert (out / "report.html").is_file()
