@@ -154,8 +154,9 @@ class Experiment:
             self.state.mark_stage(conn, r, stage, time.perf_counter() - t0, peak_rss_mb(), detail)
 
     # ------------------------------------------------------------ stages
-    def stage_query(self, r: int) -> None:
-        t0 = time.perf_counter()
+    def query_context(self, r: int) -> QueryContext:
+        """What the query of round ``r`` gives the strategy: the pool (with lazy predictions of the previous
+        round's model, and its gradient embedder, when the strategy needs them), the query size and the seed."""
         key = "starting_budget" if r == 0 else self.strategy.key
         predictions = None
         if r > 0 and self.strategy.needs.probabilities:
@@ -178,7 +179,7 @@ class Experiment:
             gradients = self.backend.gradient_embedder(
                 self.model_dir(r - 1), layers=self.strategy.needs.gradient_layers
             )
-        ctx = QueryContext(
+        return QueryContext(
             pool=self.pool_view(r, predictions, gradients),
             query_size=self.cfg.query_size if r > 0 else self.cfg.starting_size,
             round_index=r,
@@ -187,6 +188,11 @@ class Experiment:
             strategy_key=key,
             n_per_case=self.cfg.n_per_case,
         )
+
+    def stage_query(self, r: int) -> None:
+        t0 = time.perf_counter()
+        ctx = self.query_context(r)
+        key = ctx.strategy_key
         given = self.state.get_meta("starting_regions") if r == 0 else None
         try:
             if given is not None:  # regions from the config's starting_regions file

@@ -1,0 +1,77 @@
+"""How a round's query grows with the pool: predict, score and select of one strategy at 50, 100 and 195 pool cases.
+
+Takes a finished run of a study (its models and config), restricts its pool to the first N cases (sorted ids),
+and times the query of round ``--round`` with the model of the round before, exactly as the loop runs it
+(``Experiment.query_context`` and the strategy's ``query``; nothing is written to the run). Run it once per
+strategy family, on a run of that family: single softmax (``entropy`` of the 3D study), MC dropout (``bald`` of the
+2D study, K = 10), gradient embeddings (``badge`` / ``usim_f`` of the 2D study). Alone on the machine: timings.
+
+    python benchmarks/studies/pool_scaling.py RUN_DIR [RUN_DIR ...] [--sizes 50 100 195] [--round 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import save_result
+
+
+def family(strategy: str, source: str) -> str:
+    if strategy in ("badge", "usim_c", "usim_f"):
+        return "gradient embeddings"
+    if strategy == "coreset":
+        return "bottleneck features"
+    if strategy.startswith("random"):
+        return "no model"
+    return "MC dropout" if source == "mc_dropout" else "single softmax"
+
+
+def time_query(run: Path, sizes: list[int], r: int) -> dict[str, Any]:
+    from alseg.config import load_config
+    from alseg.loop.runner import Experiment
+
+    cfg = load_config(run / "config.yaml")
+    exp = Experiment(run, cfg)
+    full = list(exp.pool)
+    out: dict[str, Any] = {
+        "run": str(run),
+        "strategy": cfg.strategy,
+        "params": cfg.strategy_params,
+        "uncertainty": cfg.uncertainty.source,
+        "n_samples": cfg.uncertainty.n_samples,
+        "family": family(cfg.strategy, cfg.uncertainty.source),
+        "round": r,
+        "by_pool_size": {},
+    }
+    try:
+        for n in sizes:
+            n_eff = min(n, len(full))
+            exp.pool = full[:n_eff]
+            t0 = time.perf_counter()
+            ctx = exp.query_context(r)
+            regions = exp.strategy.query(ctx)
+            seconds = time.perf_counter() - t0
+            out["by_pool_size"][str(n_eff)] = {"seconds": round(seconds, 2), "regions": len(regions)}
+            print(f"{run.name} {cfg.strategy}: pool {n_eff}: {seconds:.1f} s", flush=True)
+    finally:
+        exp.state.close()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("runs", type=Path, nargs="+")
+    p.add_argument("--sizes", type=int, nargs="+", default=[50, 100, 195])
+    p.add_argument("--round", type=int, default=1)
+    p.add_argument("--name", default="pool_scaling")
+    args = p.parse_args()
+    save_result(args.name, {"runs": [time_query(run, args.sizes, args.round) for run in args.runs]})
+
+
+if __name__ == "__main__":
+    main()
