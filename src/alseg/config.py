@@ -141,6 +141,11 @@ class ExperimentConfig(BaseModel):
     stride: list[int] | None = None
     n_per_case: int = Field(default=20, ge=1)
     holdout_fraction: float = Field(default=0.25, gt=0, lt=1)
+    pool_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="use only this many pool cases, a fixed draw seeded by split_seed (the held-out cases stay)",
+    )
     split_seed: int = 0
     backend: Literal["nnunet"] = "nnunet"
     configuration: Literal["2d", "3d_fullres"] | None = None

@@ -6,7 +6,7 @@ import numpy as np
 
 from alseg.data.dataset import Dataset, split_holdout
 
-__all__ = ["split_holdout", "split_pool_and_test"]
+__all__ = ["pool_subset", "split_holdout", "split_pool_and_test"]
 
 
 def split_pool_and_test(ds: Dataset, fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -27,3 +27,15 @@ def split_pool_and_test(ds: Dataset, fraction: float, seed: int) -> tuple[list[s
     perm = np.random.default_rng(seed).permutation(len(labelled))
     test = sorted(labelled[i] for i in perm[:n_test])
     return [c for c in ids if c not in set(test)], test
+
+
+def pool_subset(pool: list[str], size: int | None, seed: int) -> list[str]:
+    """The first ``size`` cases of a permutation of ``pool`` seeded by ``(seed, 1)`` (a stream apart from the
+    held-out split's), sorted; all of ``pool`` when ``size`` is None. Raises ValueError when ``size`` exceeds it."""
+    if size is None:
+        return list(pool)
+    if size > len(pool):
+        raise ValueError(f"pool_size is {size} but the pool holds {len(pool)} cases")
+    perm = np.random.default_rng((seed, 1)).permutation(len(pool))
+    ids = sorted(pool)
+    return sorted(ids[i] for i in perm[:size])

@@ -29,7 +29,7 @@ from alseg.data.fingerprint import (
 )
 from alseg.data.region_files import load_starting_regions, regions_to_json
 from alseg.data.regions import Region, default_region_size, default_slice_axis, unit_box_size
-from alseg.data.split import split_pool_and_test
+from alseg.data.split import pool_subset, split_pool_and_test
 from alseg.durable import fsync_dir, fsync_tree
 from alseg.errors import ExperimentError
 from alseg.loop.dataset_check import check_dataset
@@ -148,6 +148,10 @@ def validate_new(cfg: ExperimentConfig) -> Validated:
         )
     cfg = resolve_config(cfg, ds)
     pool, test = split_pool_and_test(ds, cfg.holdout_fraction, cfg.split_seed)
+    try:
+        pool = pool_subset(pool, cfg.pool_size, cfg.split_seed)
+    except ValueError as err:
+        raise ConfigError(f"invalid config: key 'pool_size': {err} (dataset {ds.root})") from None
     start_regions = None
     if cfg.starting_regions is not None:
         sizes = {c: unit_box_size(cfg.unit, ds.geometry(c).shape, cfg.region_size, cfg.slice_axis) for c in pool}

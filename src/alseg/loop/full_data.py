@@ -26,6 +26,7 @@ from alseg.backends.nnunet.profiles import get_profile
 from alseg.config import ConfigError, ExperimentConfig, Schedule
 from alseg.data.dataset import load_dataset, split_holdout
 from alseg.data.regions import Box, Region
+from alseg.data.split import pool_subset
 from alseg.loop.create import open_or_create, resolve_config
 from alseg.loop.drivers import run_logged
 from alseg.loop.runner import BackendFactory, Experiment, default_backend
@@ -119,6 +120,7 @@ def run_full_data(cfg: ExperimentConfig, exp_dir: Path, backend_factory: Backend
             f"oracle is {resolved.oracle!r}"
         )
     pool, _ = split_holdout(ds.case_ids, resolved.holdout_fraction, resolved.split_seed)
+    pool = pool_subset(pool, resolved.pool_size, resolved.split_seed)
     full_cfg = open_or_create(full_data_config(resolved, len(pool)), exp_dir)
     marker: dict[str, Any] = {
         "source": {k: v for k, v in resolved.model_dump(mode="json").items() if k not in ("dataset",)},

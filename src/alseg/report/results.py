@@ -132,10 +132,12 @@ def strategy_label(cfg: ExperimentConfig) -> str:
 
 
 def dataset_key(cfg: ExperimentConfig) -> str:
-    """What a full-data reference must share with a run to bound it: dataset, configuration, split."""
+    """What a full-data reference must share with a run to bound it: dataset, configuration, split, pool size."""
     key = f"{Path(cfg.dataset).name}, {cfg.configuration or 'auto'}"
     if cfg.holdout_fraction != 0.25 or cfg.split_seed != 0:
         key += f", split {cfg.holdout_fraction:g}/{cfg.split_seed}"
+    if cfg.pool_size is not None:
+        key += f", pool {cfg.pool_size}"
     return key
 
 
