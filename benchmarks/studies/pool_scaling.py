@@ -1,6 +1,6 @@
 """How a round's query grows with the pool: predict, score and select of one strategy at 50, 100 and 195 pool cases.
 
-Takes a finished run of a study (its models and config), restricts its pool to the first N cases (sorted ids),
+Takes a finished run of a study (its models and config), restricts its pool to N cases (``pool_size``'s seeded subset),
 and times the query of round ``--round`` with the model of the round before, exactly as the loop runs it
 (``Experiment.query_context`` and the strategy's ``query``; nothing is written to the run). Run it once per
 strategy family, on a run of that family: single softmax (``entropy`` of the 3D study), MC dropout (``bald`` of the
@@ -33,6 +33,7 @@ def family(strategy: str, source: str) -> str:
 
 def time_query(run: Path, sizes: list[int], r: int) -> dict[str, Any]:
     from alseg.config import load_config
+    from alseg.data.split import pool_subset
     from alseg.loop.runner import Experiment
 
     cfg = load_config(run / "config.yaml")
@@ -51,7 +52,7 @@ def time_query(run: Path, sizes: list[int], r: int) -> dict[str, Any]:
     try:
         for n in sizes:
             n_eff = min(n, len(full))
-            exp.pool = full[:n_eff]
+            exp.pool = pool_subset(full, n_eff, cfg.split_seed)
             t0 = time.perf_counter()
             ctx = exp.query_context(r)
             regions = exp.strategy.query(ctx)

@@ -551,6 +551,10 @@ def bench(
             help="continue runs last run under another alseg version or commit (recorded in OUT/study.json)",
         ),
     ] = False,
+    only: Annotated[
+        list[str] | None,
+        typer.Option("--only", help="run only this strategy of the study (its folder name; repeatable)"),
+    ] = None,
     report_only: Annotated[
         bool, typer.Option("--report-only", help="write the report of the runs so far and run nothing")
     ] = False,
@@ -584,6 +588,7 @@ def bench(
             executor=ex,
             allow_version_change=allow_version_change,
             dataset=None if dataset is None else dataset.expanduser().resolve(),
+            only=only,
             say=say,
         )
     except KeyboardInterrupt:

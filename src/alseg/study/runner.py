@@ -313,18 +313,26 @@ def run_study(
     executor: Any,
     allow_version_change: bool = False,
     dataset: Path | None = None,
+    only: Sequence[str] | None = None,
     report: bool = True,
     say: Callable[[str], None] = print,
 ) -> StudyOutcome:
     """Run every unfinished cell of ``study_file`` into ``out`` with ``executor`` (an
     :class:`alseg.study.executors.Executor`), then write the report. Refuses, before running anything, to
     continue a run last run under another alseg version or source (a commit whose ``src/alseg`` differs) unless
-    ``allow_version_change``."""
+    ``allow_version_change``. ``only``: run only these strategies (folder names; ``full_data``: the references).
+    The report covers every run of the study folder."""
     spec, cells = load_study(study_file, dataset)
     check_cells(cells)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs = plan_runs(cells, out)
+    if only:
+        names = {c.name for c in cells}
+        unknown = sorted(set(only) - names)
+        if unknown:
+            raise ConfigError(f"--only {unknown}: not strategies of {study_file}; its strategies: {sorted(names)}")
+        runs = [r for r in runs if r.cell.name in set(only)]
     record = StudyRecord(out, spec, study_file)
     version, commit = __version__, alseg_commit()
     todo: list[StudyRun] = []
@@ -376,7 +384,7 @@ def run_study(
 
     executor.run(todo, on_done)
     if report:
-        outcome.report = write_study_report(spec, runs, out)
+        outcome.report = write_study_report(spec, plan_runs(cells, out), out)
         say(f"report: {outcome.report}; tables in {out / 'tables'}")
     if outcome.failed:
         raise StudyError(
@@ -406,9 +414,10 @@ def write_study_report(spec: StudySpec, runs: Sequence[StudyRun], out: Path) -> 
         raise ExperimentError(f"{out}: no run of the study has started yet; nothing to report")
     html = out / "report.html"
     tables = out / "tables"
-    build_report(al, html, refs, spec.baseline, tables, title=f"Study {spec.name}", figures_dir=out / "figures")
     results = load_results(al, refs)
+    baseline = spec.baseline if spec.baseline in results.strategies else None  # a partial study may lack it
+    build_report(al, html, refs, baseline, tables, title=f"Study {spec.name}", figures_dir=out / "figures")
     for axis in COST_AXES:
-        cmp = compare(results, baseline=spec.baseline, cost=axis)  # type: ignore[arg-type]
+        cmp = compare(results, baseline=baseline, cost=axis)  # type: ignore[arg-type]
         cmp.summary.to_csv(tables / f"summary_cost-{axis}.csv", index=False)
     return html
