@@ -1,0 +1,171 @@
+"""Write ``benchmarks/studies/TIMING.md`` from the studies' folders and the pool-scaling benchmark.
+
+Per study: the wall time of each stage (query = predict + score + select, annotate, train, evaluate) per round
+and of each run, per strategy (mean over seeds and rounds 1 on; round 0 is trained once per seed in the base
+experiment and listed apart), and the share of a round spent outside training per strategy family (single
+softmax, MC dropout, gradient embeddings, bottleneck features, no model). Then how the query grows with the
+pool (``benchmarks/results/pool_scaling*.json``, from ``pool_scaling.py``). Every number is read from the runs'
+databases (each stage's seconds as the loop recorded them) or the benchmark's result files.
+
+    python benchmarks/studies/timing.py --study3d DIR [--study2d DIR] [--out benchmarks/studies/TIMING.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from pool_scaling import family  # noqa: E402
+
+from _common import RESULTS, provenance  # noqa: E402
+
+STAGES = ("query", "annotate", "train", "evaluate")
+
+
+def stage_seconds(exp: Path) -> dict[int, dict[str, float]]:
+    with sqlite3.connect(f"{(exp / 'alseg.sqlite').resolve().as_uri()}?mode=ro", uri=True) as conn:
+        rows = conn.execute("SELECT round, stage, seconds FROM stages WHERE status = 'done'").fetchall()
+    out: dict[int, dict[str, float]] = defaultdict(dict)
+    for r, s, sec in rows:
+        out[int(r)][s] = float(sec or 0.0)
+    return dict(out)
+
+
+def study_timing(study: Path) -> dict[str, Any]:
+    from alseg.config import load_config
+    from alseg.report.results import strategy_label
+
+    per: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    runs_total: dict[str, list[float]] = defaultdict(list)
+    fam: dict[str, str] = {}
+    for cfg_file in sorted((study / "runs").glob("*/*/seed*/config.yaml")):
+        exp = cfg_file.parent
+        cfg = load_config(cfg_file)
+        label = strategy_label(cfg)
+        fam[label] = family(cfg.strategy, cfg.uncertainty.source)
+        secs = stage_seconds(exp)
+        later = {r: s for r, s in secs.items() if r > 0}
+        for s in later.values():
+            for stage in STAGES:
+                if stage in s:
+                    per[label][stage].append(s[stage])
+            if all(st in s for st in STAGES):
+                per[label]["round"].append(sum(s.values()))
+        if len([r for r, s in later.items() if "evaluate" in s]) == cfg.rounds - 1:
+            runs_total[label].append(sum(sum(s.values()) for s in later.values()))
+    bases = [stage_seconds(p.parent).get(0, {}) for p in sorted((study / "runs").glob("*/round0/*/config.yaml"))]
+    refs = [stage_seconds(p.parent).get(0, {}) for p in sorted((study / "runs").glob("*/full_data/config.yaml"))]
+    table = []
+    for label, stages in sorted(per.items()):
+        row: dict[str, Any] = {"strategy": label, "family": fam[label], "rounds": len(stages.get("round", []))}
+        for stage in (*STAGES, "round"):
+            v = stages.get(stage, [])
+            row[stage] = float(np.mean(v)) if v else float("nan")
+        row["outside_training_share"] = (
+            1 - row["train"] / row["round"] if row["round"] == row["round"] and row["round"] > 0 else float("nan")
+        )
+        row["run_minutes"] = float(np.mean(runs_total[label])) / 60 if runs_total.get(label) else float("nan")
+        row["complete_runs"] = len(runs_total.get(label, []))
+        table.append(row)
+    families: dict[str, list[float]] = defaultdict(list)
+    for row in table:
+        if row["outside_training_share"] == row["outside_training_share"]:
+            families[row["family"]].append(row["outside_training_share"])
+    return {
+        "strategies": table,
+        "families": {k: float(np.mean(v)) for k, v in families.items()},
+        "round0_seconds": [sum(b.values()) for b in bases if b],
+        "round0_train_seconds": [b.get("train", float("nan")) for b in bases if b],
+        "full_data_seconds": [sum(r.values()) for r in refs if r],
+    }
+
+
+def mean(v: list[float]) -> float:
+    return float(np.mean(v)) if v else float("nan")
+
+
+def fmt(v: float, digits: int = 0) -> str:
+    return "–" if v != v else f"{v:.{digits}f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--study3d", type=Path, required=True)
+    p.add_argument("--study2d", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=HERE / "TIMING.md")
+    p.add_argument("--json", type=Path, default=HERE / "results" / "timing.json")
+    args = p.parse_args()
+    prov = provenance()
+    data: dict[str, Any] = {"provenance": prov}
+    md = [
+        "# Timing of the studies (2 CPU cores, cpu profile)",
+        "",
+        f"Written by `python benchmarks/studies/timing.py` at commit {prov.get('commit')} from the runs' stage "
+        "records (seconds as the loop measured them; runs that shared the machine with other work are slower).",
+        "",
+    ]
+    for key, study in (("3d", args.study3d), ("2d", args.study2d)):
+        if study is None or not (study / "runs").is_dir():
+            md += [f"## {key.upper()} study", "", "Not run yet.", ""]
+            continue
+        t = study_timing(study)
+        data[key] = t
+        md += [
+            f"## {key.upper()} study",
+            "",
+            f"Round 0, trained once per seed in the base experiment: {fmt(mean(t['round0_seconds']) / 60, 1)} min "
+            f"(training {fmt(mean(t['round0_train_seconds']) / 60, 1)} min; {len(t['round0_seconds'])} bases). "
+            f"Full-data reference: {fmt(mean(t['full_data_seconds']) / 60, 1) if t['full_data_seconds'] else '–'}"
+            " min.",
+            "",
+            "Seconds per round (rounds 1 on, mean over seeds and rounds) and minutes per run (rounds 1 on):",
+            "",
+            "| strategy | family | query | annotate | train | evaluate | round | outside training | run (min) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in t["strategies"]:
+            md.append(
+                f"| `{r['strategy']}` | {r['family']} | {fmt(r['query'])} | {fmt(r['annotate'])} | {fmt(r['train'])} "
+                f"| {fmt(r['evaluate'])} | {fmt(r['round'])} | {fmt(100 * r['outside_training_share'])}% | "
+                f"{fmt(r['run_minutes'], 1)} ({r['complete_runs']} runs) |"
+            )
+        md += ["", "Share of a round outside training, per family (mean over its strategies):", ""]
+        md += [f"- {k}: {fmt(100 * v)}%" for k, v in sorted(t["families"].items())]
+        md.append("")
+    scaling = sorted(RESULTS.glob("pool_scaling*.json"))
+    md += ["## The query against the pool size", ""]
+    if not scaling:
+        md += ["Not measured yet (`benchmarks/studies/pool_scaling.py`).", ""]
+    for f in scaling:
+        res = json.loads(f.read_text())
+        data[f.stem] = res
+        md += [
+            f"`{f.name}` (commit {res['provenance'].get('commit')}): seconds of one query (predict, score, select) "
+            "of round 1 with the pool restricted to N cases:",
+            "",
+            "| run | strategy | family | " + " | ".join(f"N = {n}" for n in res["runs"][0]["by_pool_size"]) + " |",
+            "|---|---|---|" + "---|" * len(res["runs"][0]["by_pool_size"]),
+        ]
+        for r in res["runs"]:
+            cells = " | ".join(fmt(v["seconds"], 1) for v in r["by_pool_size"].values())
+            md.append(
+                f"| {Path(r['run']).parent.name}/{Path(r['run']).name} | `{r['strategy']}` | {r['family']} | {cells} |"
+            )
+        md.append("")
+    args.out.write_text("\n".join(md))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(data, indent=1, default=str))
+    print(f"wrote {args.out} and {args.json}")
+
+
+if __name__ == "__main__":
+    main()
