@@ -69,3 +69,24 @@ def box_setting_config(dataset: Path, strategy: str, seed: int, rounds: int, que
         profile="cpu",
         device="cpu",
     )
+
+
+def write_report(md_path: Path, lines: list[str], json_path: Path, data: dict[str, Any]) -> None:
+    """A generated Markdown file and the JSON of the numbers in it."""
+    md_path.write_text("\n".join(lines))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(data, indent=1, default=str))
+    print(f"wrote {md_path} and {json_path}")
+
+
+def study_arguments(doc: str, name: str) -> Any:
+    """The study scripts' command line: ``--study3d DIR [--study2d DIR] [--out NAME.md] [--json results/...]``."""
+    import argparse
+
+    here = ROOT / "benchmarks" / "studies"
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--study3d", type=Path, required=True)
+    p.add_argument("--study2d", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=here / f"{name.upper()}.md")
+    p.add_argument("--json", type=Path, default=here / "results" / f"{name}.json")
+    return p.parse_args()

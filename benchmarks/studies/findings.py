@@ -20,7 +20,6 @@ correlation of each round's stability with the next round's Dice gain.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -32,7 +31,7 @@ import pandas as pd
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from _common import provenance  # noqa: E402
+from _common import provenance, study_arguments, write_report  # noqa: E402
 
 SB_ENTROPY = "stochastic_batches(base=entropy)"
 SB_CLASP = "stochastic_batches(base=clasp_pe)"
@@ -274,12 +273,7 @@ def claim_markdown(c: dict[str, Any]) -> list[str]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--study3d", type=Path, required=True)
-    p.add_argument("--study2d", type=Path, default=None)
-    p.add_argument("--out", type=Path, default=HERE / "FINDINGS.md")
-    p.add_argument("--json", type=Path, default=HERE / "results" / "findings.json")
-    args = p.parse_args()
+    args = study_arguments(__doc__, "findings")
     studies = {"3d": args.study3d, "2d": args.study2d}
     loaded = {k: load(v) for k, v in studies.items() if v is not None and (v / "runs").is_dir()}
     data: dict[str, Any] = {"claims": [], "rankings": {}, "stopping": {}, "provenance": provenance()}
@@ -341,10 +335,7 @@ def main() -> None:
                 f"{fmt(r['max_stability'])} |"
             )
         md.append("")
-    args.out.write_text("\n".join(md))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(data, indent=1, default=str))
-    print(f"wrote {args.out} and {args.json}")
+    write_report(args.out, md, args.json, data)
 
 
 if __name__ == "__main__":

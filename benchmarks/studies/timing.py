@@ -12,7 +12,6 @@ databases (each stage's seconds as the loop recorded them) or the benchmark's re
 
 from __future__ import annotations
 
-import argparse
 import json
 import sqlite3
 import sys
@@ -26,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from pool_scaling import family  # noqa: E402
 
-from _common import RESULTS, provenance  # noqa: E402
+from _common import RESULTS, provenance, study_arguments, write_report  # noqa: E402
 
 STAGES = ("query", "annotate", "train", "evaluate")
 
@@ -98,12 +97,7 @@ def fmt(v: float, digits: int = 0) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--study3d", type=Path, required=True)
-    p.add_argument("--study2d", type=Path, default=None)
-    p.add_argument("--out", type=Path, default=HERE / "TIMING.md")
-    p.add_argument("--json", type=Path, default=HERE / "results" / "timing.json")
-    args = p.parse_args()
+    args = study_arguments(__doc__, "timing")
     prov = provenance()
     data: dict[str, Any] = {"provenance": prov}
     md = [
@@ -161,10 +155,7 @@ def main() -> None:
                 f"| {Path(r['run']).parent.name}/{Path(r['run']).name} | `{r['strategy']}` | {r['family']} | {cells} |"
             )
         md.append("")
-    args.out.write_text("\n".join(md))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(data, indent=1, default=str))
-    print(f"wrote {args.out} and {args.json}")
+    write_report(args.out, md, args.json, data)
 
 
 if __name__ == "__main__":

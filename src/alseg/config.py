@@ -224,15 +224,20 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
     return cfg
 
 
-def load_config(path: Path) -> ExperimentConfig:
+def read_yaml(path: Path, what: str = "config file") -> Any:
+    """The content of a YAML file; ConfigError naming ``what`` and the file when it is missing or not YAML."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"{what} {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-    return parse_config(data, str(path), base_dir=path.resolve().parent)
+        raise ConfigError(f"{what} {path} is not valid YAML: {err}") from None
+
+
+def load_config(path: Path) -> ExperimentConfig:
+    path = Path(path)
+    return parse_config(read_yaml(path), str(path), base_dir=path.resolve().parent)
 
 
 def dump_config(cfg: ExperimentConfig) -> str:

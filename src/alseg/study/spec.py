@@ -33,10 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from alseg.config import ConfigError, ExperimentConfig, parse_config
+from alseg.config import ConfigError, ExperimentConfig, parse_config, read_yaml
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 #: keys a setting may not set: the study sets them per cell
@@ -112,12 +111,7 @@ def load_study(path: Path, dataset: Path | None = None) -> tuple[StudySpec, list
 
     ``dataset``: replaces the dataset of every setting (a study written for another machine's folder)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"study file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"study file {path} is not valid YAML: {err}") from None
+    data = read_yaml(path, "study file")
     if not isinstance(data, dict):
         raise ConfigError(f"study file {path}: expected a mapping of keys, got {type(data).__name__}")
     try:
