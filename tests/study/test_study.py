@@ -258,3 +258,17 @@ def test_only_runs_the_named_strategies(_synthetic_template: Path, tmp_path: Pat
         run_study(spec, out, executor=InProcessExecutor(backend_factory=factory), only=["nope"], say=print)
     rest = run_study(spec, out, executor=InProcessExecutor(backend_factory=factory), say=print)
     assert rest.done_before == 1 and len(rest.finished) == 3  # random, power_pe_b2 and the reference
+
+
+def test_bases_are_found_by_content_not_by_name(_synthetic_template: Path, tmp_path: Path) -> None:
+    spec = write_study(tmp_path / "s.yaml", _synthetic_template, seeds=[0], full_data=False)
+    out = tmp_path / "out"
+    run_study(spec, out, executor=InProcessExecutor(backend_factory=RecordingFactory()), only=["random"], say=print)
+    (base,) = experiments(out / "runs" / "box8" / "round0")
+    renamed = base.with_name("made-by-an-older-alseg_seed0")
+    base.rename(renamed)
+    factory = RecordingFactory()
+    run_study(spec, out, executor=InProcessExecutor(backend_factory=factory), only=["entropy"], say=print)
+    assert experiments(out / "runs" / "box8" / "round0") == [renamed]  # no second round 0 trained
+    assert regions(out / "runs" / "box8" / "entropy" / "seed0", 0) == regions(renamed)
+    assert not [b for b in factory.backends if "round0" in str(b.exp_dir)]

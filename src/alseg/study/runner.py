@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from alseg import __version__
-from alseg.config import ConfigError, ExperimentConfig
+from alseg.config import ConfigError, ExperimentConfig, load_config
+from alseg.data.dataset import Dataset, load_dataset
 from alseg.errors import AlsegError, ExperimentError
-from alseg.loop.create import check_uncertainty
+from alseg.loop.create import check_uncertainty, resolve_config
 from alseg.loop.drivers import run_experiment
 from alseg.loop.fork import base_config, fork_round0, round0_done, round0_signature
 from alseg.loop.full_data import run_full_data
@@ -111,15 +112,33 @@ def same_source(old: str | None, new: str | None) -> bool:
 
 
 def plan_runs(cells: Sequence[Cell], out: Path) -> list[StudyRun]:
-    """The folders of every cell: ``runs/{setting}/{strategy}/seed{N}``, bases by round-0 signature."""
+    """The folders of every cell: ``runs/{setting}/{strategy}/seed{N}``, and its base: an existing
+    ``runs/{setting}/round0/*_seed{N}`` whose round 0 (:func:`round0_signature` of the resolved configs) is the
+    cell's, else a new folder named by a hash of that signature. Bases are matched by content, not by name, so a
+    study keeps its bases when a later alseg adds a config key (and with it a different hash)."""
     runs = []
+    datasets: dict[Path, Dataset] = {}
+    existing: dict[Path, dict[str, Any]] = {}
     for c in cells:
         root = Path(out) / "runs" / c.setting
         if c.is_reference:
             runs.append(StudyRun(c, root / c.name, None))
             continue
-        sig = hashlib.sha256(json.dumps(round0_signature(c.cfg), sort_keys=True).encode()).hexdigest()[:10]
-        runs.append(StudyRun(c, root / c.name / f"seed{c.seed}", root / "round0" / f"{sig}_seed{c.seed}"))
+        data_root = Path(c.cfg.dataset).resolve()
+        if data_root not in datasets:
+            datasets[data_root] = load_dataset(data_root, require_labels=False)
+        sig = round0_signature(resolve_config(c.cfg, datasets[data_root]))
+        base = None
+        for d in sorted((root / "round0").glob(f"*_seed{c.seed}")):
+            if d not in existing and (d / CONFIG_FILE).is_file():
+                existing[d] = round0_signature(load_config(d / CONFIG_FILE))
+            if existing.get(d) == sig:
+                base = d
+                break
+        if base is None:
+            digest = hashlib.sha256(json.dumps(sig, sort_keys=True).encode()).hexdigest()[:10]
+            base = root / "round0" / f"{digest}_seed{c.seed}"
+        runs.append(StudyRun(c, root / c.name / f"seed{c.seed}", base))
     return runs
 
 
