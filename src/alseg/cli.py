@@ -538,6 +538,10 @@ def bench(
         str | None, typer.Option("--address", help="Ray cluster address (ray start --head); default a local Ray")
     ] = None,
     cpus_per_run: Annotated[int, typer.Option("--cpus-per-run", min=1, help="Ray: CPUs (and threads) per run")] = 2,
+    gpus_per_run: Annotated[
+        float | None,
+        typer.Option("--gpus-per-run", min=0, help="Ray: GPUs per run (default 1 for runs that train on a GPU)"),
+    ] = None,
     num_cpus: Annotated[
         int | None, typer.Option("--num-cpus", min=1, help="Ray without --address: CPUs of the local instance")
     ] = None,
@@ -563,17 +567,22 @@ def bench(
     from alseg.study.runner import report_runs, run_study
 
     if report_only:
-        html = _guarded(report_runs, study, out, dataset)
+        html = _guarded(report_runs, study, out, None if dataset is None else dataset.expanduser().resolve())
         err_console.print(f"wrote {html}", markup=False, highlight=False)
         return
     if executor == "local":
         from alseg.study.executors import InProcessExecutor
 
+        if address is not None or num_cpus is not None or gpus_per_run is not None:
+            _fail("--address, --num-cpus and --gpus-per-run go with --executor ray")
+
         ex: Any = InProcessExecutor()
     elif executor == "ray":
         from alseg.study.executors import RayExecutor
 
-        ex = _guarded(RayExecutor, address=address, cpus_per_run=cpus_per_run, num_cpus=num_cpus)
+        ex = _guarded(
+            RayExecutor, address=address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run, num_cpus=num_cpus
+        )
     else:
         _fail(f"--executor {executor!r}: expected 'local' or 'ray'")
 

@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 import yaml
 
-from alseg.config import ConfigError
+from alseg.config import ConfigError, load_config
 from alseg.errors import ExperimentError
 from alseg.loop.fork import FORK_META, fork_round0
+from alseg.report.stopping import experiment_stopping
 from alseg.study.executors import InProcessExecutor
 from alseg.study.runner import STUDY_FILE, StudyError, alseg_commit, plan_runs, run_study, same_source
 from alseg.study.spec import load_study
@@ -85,14 +86,21 @@ def test_every_cell_runs_and_round_0_is_trained_once_per_seed(study: dict[str, A
         if b.exp_dir.name.startswith("seed")
     ]
     assert all(n == 2 for _, n in forked_trains) and len(forked_trains) == 6  # rounds 1 and 2 only
+    # the base predicted the stop set in round 0, so every run has its stability from round 1 on
+    for name in ("random", "entropy", "power_pe_b2"):
+        exp = out / "runs" / "box8" / name / "seed0"
+        per_round, _ = experiment_stopping(exp, load_config(exp / "config.yaml"))
+        assert per_round[1]["stability"] is not None and per_round[2]["stability"] is not None
 
 
 def test_study_record_and_report(study: dict[str, Any]) -> None:
     out = study["out"]
     record = json.loads((out / STUDY_FILE).read_text())
-    assert record["study"] == "tiny" and len(record["runs"]) == 7
-    for entry in record["runs"].values():
-        assert entry["finished"] and entry["calls"][0]["version"] and "seconds" in entry["calls"][0]
+    assert record["study"] == "tiny" and len(record["runs"]) == 7 + 2  # and the two bases (round 0 per seed)
+    assert sorted(k.rsplit("_", 1)[1] for k in record["runs"] if "/round0/" in k) == ["seed0", "seed1"]
+    for key, entry in record["runs"].items():
+        assert entry["finished"] and entry["calls"][0]["version"]
+        assert "seconds" in entry["calls"][0] or "/round0/" in key  # a base's time is in its runs' first
     assert (out / "report.html").is_file()
     for axis in ("voxels", "fg_voxels", "corrected_voxels", "strokes"):
         text = (out / "tables" / f"summary_cost-{axis}.csv").read_text()
@@ -174,8 +182,11 @@ def test_fork_refuses_another_round_0(study: dict[str, Any], tmp_path: Path, _sy
         ({"settings": {"a b": SETTING}}, r"setting 'a b' cannot name a folder"),
         ({"settings": {"box8": {**SETTING, "regoin_size": [8]}}}, r"(?s)setting 'box8', strategy 'random'.*regoin"),
         ({"seeds": []}, r"key 'seeds'"),
-        ({"strategies": ["nope"]}, r"study cell box8/nope/seed0: .*nope"),
-        ({"strategies": ["bald"]}, r"study cell box8/bald/seed0: .*uncertainty.source is 'softmax'"),
+        ({"seeds": [0, 0]}, r"key 'seeds' repeats a seed"),
+        ({"baseline": "randon"}, r"baseline 'randon' is none of its strategies"),
+        ({"defaults": {"seed": 3}}, r"'defaults' sets \['seed'\]"),
+        ({"strategies": ["nope"], "baseline": None}, r"study cell box8/nope/seed0: .*nope"),
+        ({"strategies": ["bald"], "baseline": None}, r"study cell box8/bald/seed0: .*uncertainty.source is 'softmax'"),
     ],
 )
 def test_bad_study_files_are_refused(
@@ -203,11 +214,13 @@ def test_entries_with_their_own_uncertainty_get_their_own_base(_synthetic_templa
 
 def test_same_source() -> None:
     head = alseg_commit()
-    assert same_source(head, head)
+    assert head is not None  # the tests run from a git checkout
+    clean = head.removesuffix("+dirty")
+    assert same_source(clean, clean)
+    assert not same_source(clean + "+dirty", clean + "+dirty")  # uncommitted changes are never the same
+    assert not same_source(clean + "+dirty", clean)
     assert not same_source("0" * 40, "1" * 40)  # not commits of this repository
-    assert not same_source(None, head) or head is None
-    if head is not None:
-        assert not same_source(head.removesuffix("+dirty") + "+dirty", head.removesuffix("+dirty"))
+    assert not same_source(None, clean)
 
 
 def test_cli_bench_stops_on_ctrl_c_and_resumes(

@@ -56,8 +56,9 @@ def run_experiment(
     *,
     dataset: Path | None = None,
     accept_dataset_change: bool = False,
+    until_round: int | None = None,
 ) -> Path:
-    """Create or resume the experiment in ``exp_dir`` and run it to its last round.
+    """Create or resume the experiment in ``exp_dir`` and run it to its last round (``until_round``: to that one).
 
     ``dataset`` overrides the config's dataset (a moved dataset: see ``open_or_create``); ``accept_dataset_change``
     records a change of the dataset's files and goes on.
@@ -65,16 +66,23 @@ def run_experiment(
     exp_dir = Path(exp_dir)
     cfg = open_or_create(cfg, exp_dir, dataset=dataset, accept_dataset_change=accept_dataset_change)
     with experiment_lock(exp_dir):
-        run_logged(Experiment, exp_dir, cfg, backend_factory)
+        run_logged(Experiment, exp_dir, cfg, backend_factory, until_round)
     return exp_dir
 
 
-def run_logged(kind: type[Experiment], exp_dir: Path, cfg: ExperimentConfig, backend_factory: BackendFactory) -> None:
-    """Run an experiment of class ``kind`` to its end with the log file attached (the caller holds the lock)."""
+def run_logged(
+    kind: type[Experiment],
+    exp_dir: Path,
+    cfg: ExperimentConfig,
+    backend_factory: BackendFactory,
+    until_round: int | None = None,
+) -> None:
+    """Run an experiment of class ``kind`` to its end (or ``until_round``) with the log file attached (the caller
+    holds the lock)."""
     with logged(exp_dir):
         exp = kind(exp_dir, cfg, backend_factory)
         try:
-            exp.run()
+            exp.run(until_round=until_round)
         finally:
             exp.state.close()
 

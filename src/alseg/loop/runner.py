@@ -335,11 +335,12 @@ class Experiment:
         return annotation_cost(self.dir, self.state, self.ds, self.cfg.slice_axis, r)
 
     # ------------------------------------------------------------ driver
-    def run(self, allow_open: bool = False) -> Waiting | None:
-        """Run every stage not done yet. With the human oracle, stop at the first round whose regions wait for
-        labels and return it (``allow_open``: go on with the labelled regions of that round, closing its open
-        ones; a round queried in this call always waits)."""
-        for r in range(self.cfg.rounds):
+    def run(self, allow_open: bool = False, until_round: int | None = None) -> Waiting | None:
+        """Run every stage not done yet (``until_round``: of the rounds up to that one only). With the human
+        oracle, stop at the first round whose regions wait for labels and return it (``allow_open``: go on with
+        the labelled regions of that round, closing its open ones; a round queried in this call always waits)."""
+        last = self.cfg.rounds if until_round is None else min(self.cfg.rounds, until_round + 1)
+        for r in range(last):
             for stage in STAGES:
                 if self.state.stage_done(r, stage):
                     continue

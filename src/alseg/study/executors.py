@@ -110,16 +110,23 @@ class RayExecutor:
         self.name = f"{self.name}, {cpus} CPUs, {self.slots} runs at a time"
 
     def _gpus(self, run: StudyRun) -> float:
+        """``gpus_per_run`` when given; else one GPU for a run that trains on one (``profile: gpu`` or
+        ``device: cuda``, or ``profile: auto`` on a cluster with GPUs), none otherwise."""
         if self.gpus_per_run is not None:
             return self.gpus_per_run
-        return 1.0 if run.cell.cfg.profile == "gpu" else 0.0
+        cfg = run.cell.cfg
+        if cfg.device == "cpu" or cfg.profile == "cpu":
+            return 0.0
+        if cfg.profile == "gpu" or cfg.device == "cuda":
+            return 1.0
+        return 1.0 if self.ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
     def run(self, runs: Sequence[StudyRun], on_done: OnDone) -> None:
         self.start()
         ray = self.ray
         remote_run = ray.remote(execute_run)
         remote_base = ray.remote(run_base)
-        bases: dict[Any, Any] = {}
+        bases: dict[Any, Any] = {}  # base folder -> its task
         pending: dict[Any, tuple[StudyRun, float]] = {}
         for run in runs:
             opts = {"num_cpus": self.cpus_per_run, "num_gpus": self._gpus(run), "max_retries": self.max_retries}
@@ -138,10 +145,21 @@ class RayExecutor:
                     ray.get(ready[0])
                 except Exception as err:
                     cause = getattr(err, "cause", None) or err
-                    on_done(run, time.perf_counter() - t0, _message(cause))
+                    message = _message(cause)
+                    base = bases.get(run.base_dir)
+                    if base is not None and self._failed(base):
+                        message = f"round 0 in {run.base_dir}: {message}"
+                    on_done(run, time.perf_counter() - t0, message)
                     continue
                 on_done(run, time.perf_counter() - t0, None)
         except KeyboardInterrupt:
-            for ref in pending:
+            for ref in [*pending, *bases.values()]:
                 ray.cancel(ref, force=True)
             raise
+
+    def _failed(self, ref: Any) -> bool:
+        try:
+            self.ray.get(ref, timeout=0)
+        except Exception:
+            return True
+        return False

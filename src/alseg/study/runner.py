@@ -34,7 +34,7 @@ from alseg.data.dataset import Dataset, load_dataset
 from alseg.errors import AlsegError, ExperimentError
 from alseg.loop.create import check_uncertainty, resolve_config
 from alseg.loop.drivers import run_experiment
-from alseg.loop.fork import base_config, fork_round0, round0_done, round0_signature
+from alseg.loop.fork import fork_round0, round0_done, round0_signature
 from alseg.loop.full_data import run_full_data
 from alseg.loop.runner import BackendFactory, default_backend
 from alseg.store.layout import CONFIG_FILE, DB_FILE, write_json_atomic
@@ -83,7 +83,7 @@ def alseg_commit() -> str | None:
             ["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=20, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no", "--", "."],
+            ["git", "-C", str(src), "status", "--porcelain", "--untracked-files=normal", "--", "."],
             capture_output=True,
             text=True,
             timeout=20,
@@ -97,10 +97,10 @@ def alseg_commit() -> str | None:
 def same_source(old: str | None, new: str | None) -> bool:
     """Whether two commits (:func:`alseg_commit`) hold the same alseg source (``src/alseg``): a commit that only
     changed documentation, tests or benchmarks runs the same code. A ``+dirty`` commit is never the same."""
+    if not old or not new or old.endswith("+dirty") or new.endswith("+dirty"):
+        return False  # uncommitted changes: which ones is unknown
     if old == new:
         return True
-    if not old or not new or old.endswith("+dirty") or new.endswith("+dirty"):
-        return False
     src = Path(__file__).resolve().parents[1]
     try:
         diff = subprocess.run(
@@ -220,19 +220,29 @@ def execute_run(
         if not (run.exp_dir / CONFIG_FILE).exists():
             run_base(run, num_threads, backend_factory=backend_factory)
             fork_round0(run.base_dir, run.exp_dir, run.cell.cfg)
-        run_experiment(run.cell.cfg, run.exp_dir, factory)
+        run_experiment(run.cell.cfg, run.exp_dir, factory, dataset=Path(run.cell.cfg.dataset).resolve())
     return {"id": run.id, "seconds": time.perf_counter() - t0}
 
 
 def run_base(run: StudyRun, num_threads: int | None = None, *, backend_factory: BackendFactory | None = None) -> str:
-    """Train (or resume) the round 0 of ``run``'s base experiment; returns the base folder."""
+    """Train (or resume) the round 0 of ``run``'s base experiment; returns the base folder.
+
+    A base is created with the config of the group's first run (another run of the group resumes it with the
+    stored one) and runs up to round 0 only. A base whose dataset moved (``--dataset``) is moved with it."""
     assert run.base_dir is not None
-    if round0_done(run.base_dir):
+    data = Path(run.cell.cfg.dataset).resolve()
+    exists = (run.base_dir / CONFIG_FILE).exists()
+    if exists and round0_done(run.base_dir) and Path(load_config(run.base_dir / CONFIG_FILE).dataset) == data:
         return str(run.base_dir)
-    # created by the group's first run: resumed with its stored config (the strategy of whichever run came first)
-    cfg = None if (run.base_dir / CONFIG_FILE).exists() else base_config(run.cell.cfg)
-    run_experiment(cfg, run.base_dir, threads_backend(num_threads, backend_factory))
+    factory = threads_backend(num_threads, backend_factory)
+    run_experiment(None if exists else run.cell.cfg, run.base_dir, factory, dataset=data, until_round=0)
     return str(run.base_dir)
+
+
+def base_id(run: StudyRun) -> str:
+    """The key of a run's base experiment in ``study.json``."""
+    assert run.base_dir is not None
+    return f"{run.cell.setting}/round0/{run.base_dir.name}"
 
 
 class StudyRecord:
@@ -244,6 +254,7 @@ class StudyRecord:
         self.data["study"] = spec.name
         self.data["study_file"] = str(Path(study_file).resolve())
         self.data["study_sha256"] = hashlib.sha256(Path(study_file).read_bytes()).hexdigest()
+        self.call_started = _now()  # this call of the study
 
     def save(self) -> None:
         write_json_atomic(self.path, self.data)
@@ -255,8 +266,13 @@ class StudyRecord:
     def start(self, run_id: str, version: str, commit: str | None, rounds_done: int) -> None:
         entry = self.data["runs"].setdefault(run_id, {"calls": []})
         entry["calls"].append(
-            {"version": version, "commit": commit, "started": _now(), "rounds_done_before": rounds_done}
+            {"version": version, "commit": commit, "started": self.call_started, "rounds_done_before": rounds_done}
         )
+
+    def base_finished(self, key: str) -> None:
+        entry = self.data["runs"].get(key)
+        if entry is not None and "finished" not in entry:
+            entry["finished"] = _now()
 
     def finish(self, run_id: str, seconds: float, error: str | None = None) -> None:
         entry = self.data["runs"].setdefault(run_id, {"calls": [{}]})
@@ -283,7 +299,6 @@ def estimate_left(runs: Sequence[StudyRun], slots: int = 1) -> tuple[float | Non
     None before any round of a setting with unfinished work was measured."""
     r0: dict[str, list[float]] = defaultdict(list)
     later: dict[str, list[float]] = defaultdict(list)
-    ref_seconds: dict[str, float] = {}
     seen_bases: set[Path] = set()
     for run in runs:
         dirs = [run.exp_dir] + ([run.base_dir] if run.base_dir is not None and run.base_dir not in seen_bases else [])
@@ -293,8 +308,8 @@ def estimate_left(runs: Sequence[StudyRun], slots: int = 1) -> tuple[float | Non
             _, secs = _progress(d)
             for r, s in secs.items():
                 if run.cell.is_reference:
-                    ref_seconds[run.cell.setting] = s
-                elif r == 0 and d == run.base_dir:
+                    continue
+                if r == 0 and d == run.base_dir:
                     r0[run.cell.setting].append(s)
                 elif r > 0:
                     later[run.cell.setting].append(s)
@@ -360,10 +375,15 @@ def run_study(
         done, rounds = run_progress(run)
         if done >= rounds:
             continue
-        last = record.last(run.id)
-        if last is not None and (run.exp_dir / CONFIG_FILE).exists():
-            if last.get("version") != version or not same_source(last.get("commit"), commit):
-                changed.append(f"{run.id} (ran under {last.get('version')} {last.get('commit')})")
+        keys = [run.id]
+        if run.base_dir is not None and not (run.exp_dir / CONFIG_FILE).exists():
+            keys = [base_id(run)] if (run.base_dir / CONFIG_FILE).exists() and not round0_done(run.base_dir) else []
+        for key in keys:
+            last = record.last(key)
+            started = (run.exp_dir if key == run.id else run.base_dir) / CONFIG_FILE
+            if last is not None and started.exists():
+                if last.get("version") != version or not same_source(last.get("commit"), commit):
+                    changed.append(f"{key} (ran under {last.get('version')} {last.get('commit')})")
         todo.append(run)
     if changed and not allow_version_change:
         shown = "; ".join(changed[:10]) + (f"; and {len(changed) - 10} more" if len(changed) > 10 else "")
@@ -378,10 +398,17 @@ def run_study(
     say(f"study {spec.name}: {outcome.done_before} of {len(runs)} runs done; {len(todo)} to run ({executor.name})")
     for run in todo:
         record.start(run.id, version, commit, run_progress(run)[0])
+        if run.base_dir is not None and not round0_done(run.base_dir):
+            key = base_id(run)
+            last = record.last(key)
+            if last is None or last.get("started") != record.call_started:  # once per call for a shared base
+                record.start(key, version, commit, 0)
     record.save()
 
     def on_done(run: StudyRun, seconds: float, error: str | None) -> None:
         record.finish(run.id, seconds, error)
+        if run.base_dir is not None and round0_done(run.base_dir):
+            record.base_finished(base_id(run))
         record.save()
         if error is None:
             outcome.finished.append(run.id)
@@ -389,12 +416,12 @@ def run_study(
             outcome.failed[run.id] = error
         n_done = outcome.done_before + len(outcome.finished)
         left, refs = estimate_left(runs, executor.slots)
-        eta = "unknown" if left is None else _fmt_duration(left)
+        eta = "an unknown time" if left is None else f"about {_fmt_duration(left)}"
         if refs:
             eta += f" (plus {refs} full-data reference{'s' if refs > 1 else ''}, not estimated)"
         what = f"finished in {_fmt_duration(seconds)}" if error is None else f"FAILED after {_fmt_duration(seconds)}"
         say(
-            f"[{n_done}/{len(runs)} runs done] {run.id} {what}; about {eta} left"
+            f"[{n_done}/{len(runs)} runs done] {run.id} {what}; {eta} left"
             if n_done < len(runs)
             else f"[{n_done}/{len(runs)} runs done] {run.id} {what}"
         )
@@ -403,8 +430,11 @@ def run_study(
 
     executor.run(todo, on_done)
     if report:
-        outcome.report = write_study_report(spec, plan_runs(cells, out), out)
-        say(f"report: {outcome.report}; tables in {out / 'tables'}")
+        try:
+            outcome.report = write_study_report(spec, plan_runs(cells, out), out)
+            say(f"report: {outcome.report}; tables in {out / 'tables'}")
+        except ExperimentError as err:  # no run has results yet: the outcome below says why
+            say(f"no report: {err}")
     if outcome.failed:
         raise StudyError(
             f"{len(outcome.failed)} of {len(todo)} runs failed: "

@@ -36,6 +36,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from alseg.config import ConfigError, ExperimentConfig, parse_config, read_yaml
+from alseg.report.results import strategy_label
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 #: keys a setting may not set: the study sets them per cell
@@ -127,6 +128,8 @@ def load_study(path: Path, dataset: Path | None = None) -> tuple[StudySpec, list
                 f"study file {path}: {what} {name!r} cannot name a folder (letters, digits, '_', '.', '-'; not "
                 f"{FULL_DATA!r} or round0...); give the entry a 'name'"
             )
+    if len(set(spec.seeds)) != len(spec.seeds):
+        raise ConfigError(f"study file {path}: key 'seeds' repeats a seed ({spec.seeds}); each seed is one run")
     folders = [e.folder for e in entries]
     if len(set(folders)) != len(folders):
         dup = sorted({f for f in folders if folders.count(f) > 1})
@@ -134,9 +137,10 @@ def load_study(path: Path, dataset: Path | None = None) -> tuple[StudySpec, list
     cells: list[Cell] = []
     refs: list[Cell] = []
     for sname, setting in spec.settings.items():
-        bad = [k for k in _CELL_KEYS if k in setting or k in spec.defaults]
-        if bad:
-            raise ConfigError(f"study file {path}: setting {sname!r} sets {bad}; the study sets them per run")
+        for where, keys_given in ((f"setting {sname!r}", setting), ("'defaults'", spec.defaults)):
+            bad = [k for k in _CELL_KEYS if k in keys_given]
+            if bad:
+                raise ConfigError(f"study file {path}: {where} sets {bad}; the study sets them per run")
         keys = {**spec.defaults, **setting}
         root = dataset if dataset is not None else keys.get("dataset", spec.dataset)
         if root is None:
@@ -149,7 +153,11 @@ def load_study(path: Path, dataset: Path | None = None) -> tuple[StudySpec, list
                     cell["uncertainty"] = {**(keys.get("uncertainty") or {}), **e.uncertainty}
                 source = f"{path}: setting {sname!r}, strategy {e.folder!r}"
                 cells.append(Cell(sname, e.folder, seed, parse_config(cell, source, base_dir=base)))
-        if spec.full_data:
-            first = cells[-len(entries) * len(spec.seeds)]
-            refs.append(Cell(sname, FULL_DATA, spec.seeds[0], first.cfg))
+        if spec.full_data:  # the setting's keys (its uncertainty source: dropout in training); the strategy unused
+            cell = {**keys, "strategy": "random", "seed": spec.seeds[0]}
+            source = f"{path}: setting {sname!r}, the full-data reference"
+            refs.append(Cell(sname, FULL_DATA, spec.seeds[0], parse_config(cell, source, base_dir=base)))
+    labels = sorted({strategy_label(c.cfg) for c in cells})
+    if spec.baseline is not None and spec.baseline not in labels:
+        raise ConfigError(f"study file {path}: baseline {spec.baseline!r} is none of its strategies {labels}")
     return spec, cells + refs
