@@ -285,3 +285,18 @@ def test_bases_are_found_by_content_not_by_name(_synthetic_template: Path, tmp_p
     assert experiments(out / "runs" / "box8" / "round0") == [renamed]  # no second round 0 trained
     assert regions(out / "runs" / "box8" / "entropy" / "seed0", 0) == regions(renamed)
     assert not [b for b in factory.backends if "round0" in str(b.exp_dir)]
+
+
+def test_remote_executors_estimate_from_durations(_synthetic_template: Path, tmp_path: Path) -> None:
+    """On a cluster the study reads no run database while runs are on: the estimate uses the runs' durations."""
+
+    class Remote(InProcessExecutor):
+        shares_databases = False
+
+    spec = write_study(tmp_path / "s.yaml", _synthetic_template, seeds=[0], full_data=False)
+    lines: list[str] = []
+    run_study(spec, tmp_path / "out", executor=Remote(backend_factory=RecordingFactory()), say=lines.append)
+    first = next(line for line in lines if line.startswith("[1/3 runs done]"))
+    assert "about" in first and "left" in first and "unknown" not in first
+    record = json.loads((tmp_path / "out" / STUDY_FILE).read_text())
+    assert all(e.get("finished") for e in record["runs"].values())

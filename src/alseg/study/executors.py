@@ -33,6 +33,7 @@ def _message(err: BaseException) -> str:
 class Executor(Protocol):
     name: str
     slots: int  # runs that execute at the same time (for the time estimate)
+    shares_databases: bool  # False: the runs' SQLite files are written on other machines (not read meanwhile)
 
     def start(self) -> None: ...
 
@@ -44,6 +45,7 @@ class InProcessExecutor:
 
     name = "in this process"
     slots = 1
+    shares_databases = True  # the study may read the runs' databases while they run
 
     def __init__(self, num_threads: int | None = None, backend_factory: BackendFactory | None = None) -> None:
         self.num_threads = num_threads
@@ -85,6 +87,7 @@ class RayExecutor:
         self.max_retries = max_retries
         self.num_cpus = num_cpus
         self.name = f"Ray at {address}" if address else "a local Ray instance"
+        self.shares_databases = address is None  # a cluster's runs write their databases on other machines
         self.slots = 1
         self.slots_known = False
 

@@ -405,17 +405,27 @@ def run_study(
                 record.start(key, version, commit, 0)
     record.save()
 
+    # on a cluster the runs' databases are written on other machines: SQLite (WAL) must not be read across
+    # machines while they run, so the estimate then comes from the runs' durations alone
+    local = getattr(executor, "shares_databases", True)
+    durations: list[float] = []
+
     def on_done(run: StudyRun, seconds: float, error: str | None) -> None:
         record.finish(run.id, seconds, error)
-        if run.base_dir is not None and round0_done(run.base_dir):
+        if run.base_dir is not None and error is None:  # a finished run had its round 0
             record.base_finished(base_id(run))
         record.save()
         if error is None:
             outcome.finished.append(run.id)
+            durations.append(seconds)
         else:
             outcome.failed[run.id] = error
         n_done = outcome.done_before + len(outcome.finished)
-        left, refs = estimate_left(runs, executor.slots)
+        if local:
+            left, refs = estimate_left(runs, executor.slots)
+        else:
+            waiting = len(todo) - len(outcome.finished) - len(outcome.failed)
+            left, refs = sum(durations) / len(durations) * waiting / max(1, executor.slots), 0
         eta = "an unknown time" if left is None else f"about {_fmt_duration(left)}"
         if refs:
             eta += f" (plus {refs} full-data reference{'s' if refs > 1 else ''}, not estimated)"
