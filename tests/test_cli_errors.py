@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,16 @@ from typer.testing import CliRunner
 from alseg.cli import app
 from alseg.loop.drivers import run_experiment
 from alseg.strategies.registry import STRATEGIES
-from conftest import SYN_SHAPE, SYN_SPACING, RecordingFactory, make_config, synthetic_label, write_config, write_volume
+from conftest import (
+    SYN_SHAPE,
+    SYN_SPACING,
+    RecordingFactory,
+    lock_held_by_another_process,
+    make_config,
+    synthetic_label,
+    write_config,
+    write_volume,
+)
 
 runner = CliRunner()
 NNUNET_STARTED = "nnU-Net was started although the input is invalid"
@@ -323,25 +330,10 @@ def test_run_refused_while_another_process_holds_the_experiment(
     fake_experiment: Path, synthetic_dataset: Path, tmp_path: Path
 ) -> None:
     cfg = write_config(tmp_path / "same.yaml", synthetic_dataset, rounds=2, query_size=3)
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time\nfrom pathlib import Path\nfrom alseg.store.state import experiment_lock\n"
-            "with experiment_lock(Path(sys.argv[1])):\n    print('locked', flush=True)\n    time.sleep(60)\n",
-            str(fake_experiment),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    with lock_held_by_another_process(fake_experiment) as holder:
         _check_failure(
             _invoke("run", cfg, "--out", fake_experiment), [str(fake_experiment), f"in use by process {holder.pid}"]
         )
-    finally:
-        holder.kill()
-        holder.wait(timeout=30)
 
 
 @pytest.mark.parametrize("make", ["missing", "empty", "file"])

@@ -32,7 +32,7 @@ from alseg.oracle.importer import AnnotationImportError, import_labels
 from alseg.oracle.package import index_to_world
 from alseg.store.layout import DB_FILE, KILL_ENV
 from alseg.store.state import ExperimentLockedError, ExperimentState
-from conftest import RecordingFactory, make_config, write_config
+from conftest import RecordingFactory, lock_held_by_another_process, make_config, write_config
 from fake_backend import make_fake_backend, read_model
 
 ROUNDS, QUERY = 3, 4
@@ -306,28 +306,13 @@ def test_changed_file_needs_replace_and_keeps_the_old_one(waiting_exp: Path, tmp
 
 def test_a_second_process_is_refused(waiting_exp: Path, tmp_path: Path) -> None:
     annotate(waiting_exp, 0, tmp_path / "labels")
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time\nfrom pathlib import Path\nfrom alseg.store.state import experiment_lock\n"
-            "with experiment_lock(Path(sys.argv[1])):\n    print('locked', flush=True)\n    time.sleep(60)\n",
-            str(waiting_exp),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    with lock_held_by_another_process(waiting_exp):
         before = _snapshot(waiting_exp)
         with pytest.raises(ExperimentLockedError, match="in use by process"):
             import_labels(waiting_exp, tmp_path / "labels")
         with pytest.raises(ExperimentLockedError, match="in use by process"):
             advance_experiment(waiting_exp, backend_factory=make_fake_backend)
         assert _snapshot(waiting_exp) == before
-    finally:
-        holder.kill()
-        holder.wait(timeout=30)
 
 
 # --------------------------------------------------------------------------- datasets without ground truth
