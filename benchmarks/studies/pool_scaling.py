@@ -2,7 +2,9 @@
 
 Takes a finished run of a study (its models and config), restricts its pool to N cases (``pool_size``'s seeded subset),
 and times the query of round ``--round`` with the model of the round before, exactly as the loop runs it
-(``Experiment.query_context`` and the strategy's ``query``; nothing is written to the run). Run it once per
+(``Experiment.query_context`` and the strategy's ``query``; nothing is written to the run). The time spent inside
+the pool's prediction stream (the K forward passes per case) and inside the gradient embedder is measured apart by
+wrapping the two callables the strategy is given; the rest is scoring, selection and bookkeeping. Run it once per
 strategy family, on a run of that family: single softmax (``entropy`` of the 3D study), MC dropout (``bald`` of the
 2D study, K = 10), gradient embeddings (``badge`` / ``usim_f`` of the 2D study). Alone on the machine: timings.
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,43 @@ def family(strategy: str, source: str) -> str:
     if strategy.startswith("random"):
         return "no model"
     return "MC dropout" if source == "mc_dropout" else "single softmax"
+
+
+class StageClock:
+    """Seconds spent inside the pool view's ``predictions`` stream and ``region_gradients`` calls."""
+
+    def __init__(self) -> None:
+        self.predict = 0.0
+        self.gradients = 0.0
+
+    def wrap(self, pool: Any) -> None:
+        if pool.predictions is not None:
+            stream = pool.predictions
+
+            def predictions() -> Iterator[Any]:
+                it = stream()
+                while True:
+                    t0 = time.perf_counter()
+                    try:
+                        item = next(it)
+                    except StopIteration:
+                        self.predict += time.perf_counter() - t0
+                        return
+                    self.predict += time.perf_counter() - t0
+                    yield item
+
+            pool.predictions = predictions
+        if pool.region_gradients is not None:
+            embed = pool.region_gradients
+
+            def region_gradients(*args: Any) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return embed(*args)
+                finally:
+                    self.gradients += time.perf_counter() - t0
+
+            pool.region_gradients = region_gradients
 
 
 def time_query(run: Path, sizes: list[int], r: int) -> dict[str, Any]:
@@ -53,12 +93,24 @@ def time_query(run: Path, sizes: list[int], r: int) -> dict[str, Any]:
         for n in sizes:
             n_eff = min(n, len(full))
             exp.pool = pool_subset(full, n_eff, cfg.split_seed)
+            clock = StageClock()
             t0 = time.perf_counter()
             ctx = exp.query_context(r)
+            clock.wrap(ctx.pool)
             regions = exp.strategy.query(ctx)
             seconds = time.perf_counter() - t0
-            out["by_pool_size"][str(n_eff)] = {"seconds": round(seconds, 2), "regions": len(regions)}
-            print(f"{run.name} {cfg.strategy}: pool {n_eff}: {seconds:.1f} s", flush=True)
+            out["by_pool_size"][str(n_eff)] = {
+                "seconds": round(seconds, 2),
+                "predict_seconds": round(clock.predict, 2),
+                "gradient_seconds": round(clock.gradients, 2),
+                "score_select_seconds": round(seconds - clock.predict - clock.gradients, 2),
+                "regions": len(regions),
+            }
+            print(
+                f"{run.name} {cfg.strategy}: pool {n_eff}: {seconds:.1f} s (predict {clock.predict:.1f} s, "
+                f"gradients {clock.gradients:.1f} s)",
+                flush=True,
+            )
     finally:
         exp.state.close()
     return out

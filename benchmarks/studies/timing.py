@@ -143,14 +143,19 @@ def main() -> None:
         res = json.loads(f.read_text())
         data[f.stem] = res
         md += [
-            f"`{f.name}` (commit {res['provenance'].get('commit')}): seconds of one query (predict, score, select) "
-            "of round 1 with the pool restricted to N cases:",
+            f"`{f.name}` (commit {res['provenance'].get('commit')}): seconds of one query of round 1 with the pool "
+            "restricted to N cases: total (prediction / gradient embeddings / scoring, selection and bookkeeping):",
             "",
             "| run | strategy | family | " + " | ".join(f"N = {n}" for n in res["runs"][0]["by_pool_size"]) + " |",
             "|---|---|---|" + "---|" * len(res["runs"][0]["by_pool_size"]),
         ]
         for r in res["runs"]:
-            cells = " | ".join(fmt(v["seconds"], 1) for v in r["by_pool_size"].values())
+            cells = " | ".join(
+                f"{fmt(v['seconds'], 1)} ({fmt(v.get('predict_seconds', float('nan')), 1)} / "
+                f"{fmt(v.get('gradient_seconds', float('nan')), 1)} / "
+                f"{fmt(v.get('score_select_seconds', float('nan')), 1)})"
+                for v in r["by_pool_size"].values()
+            )
             md.append(
                 f"| {Path(r['run']).parent.name}/{Path(r['run']).name} | `{r['strategy']}` | {r['family']} | {cells} |"
             )
