@@ -9,6 +9,10 @@ strategy family, on a run of that family: single softmax (``entropy`` of the 3D 
 2D study, K = 10), gradient embeddings (``badge`` / ``usim_f`` of the 2D study). Alone on the machine: timings.
 
     python benchmarks/studies/pool_scaling.py RUN_DIR [RUN_DIR ...] [--sizes 50 100 195] [--round 1]
+        [--strategies KEY[:name=value,...] ...] [--name pool_scaling]
+
+``--strategies`` times other strategies' queries on the same run's models (all of one study's strategies share
+round 0 and the uncertainty source): one query of each kind measured on one calibration run, before the runs.
 """
 
 from __future__ import annotations
@@ -71,21 +75,45 @@ class StageClock:
             pool.region_gradients = region_gradients
 
 
-def time_query(run: Path, sizes: list[int], r: int) -> dict[str, Any]:
+def parse_strategy(spec: str) -> tuple[str, dict[str, Any]]:
+    """``KEY`` or ``KEY:name=value,name=value`` (values read as YAML) -> (key, params)."""
+    import yaml
+
+    key, _, rest = spec.partition(":")
+    params = {}
+    for item in filter(None, rest.split(",")):
+        name, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"--strategies: {spec!r}: expected KEY or KEY:name=value,...; got {item!r}")
+        params[name.strip()] = yaml.safe_load(value)
+    return key, params
+
+
+def time_query(run: Path, sizes: list[int], r: int, strategy: str | None = None) -> dict[str, Any]:
+    """One query of round ``r`` of ``run`` (with ``strategy`` instead of the run's own, if given) at each pool size.
+
+    Pools are the seeded subsets of the run's whole split pool (``pool_size``'s draw: 50 within 100 within 195),
+    so a run of a study with ``pool_size: 60`` is timed at 100 and 195 cases too; cases outside the run's pool
+    simply have nothing annotated.
+    """
     from alseg.config import load_config
-    from alseg.data.split import pool_subset
+    from alseg.data.split import pool_subset, split_pool_and_test
     from alseg.loop.runner import Experiment
+    from alseg.strategies.registry import get_strategy
 
     cfg = load_config(run / "config.yaml")
     exp = Experiment(run, cfg)
-    full = list(exp.pool)
+    key, params = (cfg.strategy, dict(cfg.strategy_params)) if strategy is None else parse_strategy(strategy)
+    if strategy is not None:
+        exp.strategy = get_strategy(key, params)
+    full, _ = split_pool_and_test(exp.ds, cfg.holdout_fraction, cfg.split_seed)
     out: dict[str, Any] = {
         "run": str(run),
-        "strategy": cfg.strategy,
-        "params": cfg.strategy_params,
+        "strategy": key,
+        "params": params,
         "uncertainty": cfg.uncertainty.source,
         "n_samples": cfg.uncertainty.n_samples,
-        "family": family(cfg.strategy, cfg.uncertainty.source),
+        "family": family(key, cfg.uncertainty.source),
         "round": r,
         "by_pool_size": {},
     }
@@ -107,7 +135,7 @@ def time_query(run: Path, sizes: list[int], r: int) -> dict[str, Any]:
                 "regions": len(regions),
             }
             print(
-                f"{run.name} {cfg.strategy}: pool {n_eff}: {seconds:.1f} s (predict {clock.predict:.1f} s, "
+                f"{run.name} {key}: pool {n_eff}: {seconds:.1f} s (predict {clock.predict:.1f} s, "
                 f"gradients {clock.gradients:.1f} s)",
                 flush=True,
             )
@@ -121,9 +149,17 @@ def main() -> None:
     p.add_argument("runs", type=Path, nargs="+")
     p.add_argument("--sizes", type=int, nargs="+", default=[50, 100, 195])
     p.add_argument("--round", type=int, default=1)
+    p.add_argument(
+        "--strategies",
+        nargs="+",
+        default=None,
+        help="time these strategies (KEY or KEY:name=value,...) on each run's models instead of the run's own",
+    )
     p.add_argument("--name", default="pool_scaling")
     args = p.parse_args()
-    save_result(args.name, {"runs": [time_query(run, args.sizes, args.round) for run in args.runs]})
+    specs = args.strategies or [None]
+    runs = [time_query(run, args.sizes, args.round, spec) for run in args.runs for spec in specs]
+    save_result(args.name, {"runs": runs})
 
 
 if __name__ == "__main__":
