@@ -58,6 +58,7 @@ class FakeBackend:
         self.exp_dir = Path(exp_dir)
         self.work_dir = self.exp_dir / "nnunet"
         self.calls: list[tuple[str, Any]] = []
+        self.predict_samples: list[int] = []  # n_samples of each predict call
 
     # ------------------------------------------------------------------ protocol
     def prepare(self, planning_cases: Mapping[str, TrainingCase], labels: Mapping[int, str], ignore_value: int) -> None:
@@ -143,6 +144,7 @@ class FakeBackend:
         model_seed = int(json.loads(model_file.read_text())["seed"])
         case_ids = list(case_ids)
         self.calls.append(("predict", case_ids))
+        self.predict_samples.append(n_samples)
         for cid in case_ids:
             pred = CasePrediction(cid, self.probabilities(cid, model_seed, n_samples))
             if with_features:  # features: the mean probabilities and a seeded noise channel

@@ -160,6 +160,31 @@ def main() -> None:
                 f"| {Path(r['run']).parent.name}/{Path(r['run']).name} | `{r['strategy']}` | {r['family']} | {cells} |"
             )
         md.append("")
+    batching = RESULTS / "mc_dropout_batching.json"
+    md += ["## MC dropout prediction", ""]
+    if batching.is_file():
+        b = json.loads(batching.read_text())
+        data["mc_dropout_batching"] = b
+        md += [
+            f"`benchmarks/mc_dropout_batching.py` (commit {b['provenance'].get('commit')}, {b['cases']} pool cases "
+            f"of `{Path(b['run']).parent.name}/{Path(b['run']).name}`, {b['configuration']}, K = {b['k']}): "
+            f"{fmt(b['seconds_per_case_per_pass_calls'], 2)} s per case with nnU-Net's predictor called once per "
+            f"pass, {fmt(b['seconds_per_case_batched'], 2)} s with the passes batched over the tiles "
+            f"({fmt(b['speedup'], 1)}x); with dropout at p = 0 the two agree to {b['max_abs_diff_at_p0']:.1e} "
+            "(nnU-Net sums tiles in half precision). The studies ran with the batched passes.",
+            "",
+        ]
+    else:
+        md += ["Not measured yet (`benchmarks/mc_dropout_batching.py`).", ""]
+    mc = [r for r in data.get("2d", {}).get("strategies", []) if r["family"] in ("MC dropout", "gradient embeddings")]
+    if mc:
+        md += [
+            "Share of a 2D round spent in the query (MC dropout prediction, and for USIM the gradient embeddings) "
+            "per strategy: "
+            + "; ".join(f"`{r['strategy']}` {fmt(100 * r['query'] / r['round'])}%" for r in mc if r["round"] > 0)
+            + ".",
+            "",
+        ]
     write_report(args.out, md, args.json, data)
 
 

@@ -54,3 +54,17 @@ def test_every_strategy_runs_in_the_loop(_synthetic_template: Path, tmp_path: Pa
     assert len(regions) == 2 * cfg.query_size
     assert {r.round for r in regions} == {0, 1}
     assert all(r.status == "annotated" for r in regions)
+
+
+@pytest.mark.parametrize(("key", "query_k"), [("bald", 3), ("entropy", 3), ("coreset", 1), ("badge", 1)])
+def test_query_predicts_the_samples_the_strategy_reads(
+    _synthetic_template: Path, tmp_path: Path, key: str, query_k: int
+) -> None:
+    """Under MC dropout (K = 3) the query predicts K samples for the strategies that read them, one deterministic
+    prediction for Core-Set (features only) and BADGE (the network's own prediction); evaluation predicts 1."""
+    factory = RecordingFactory()
+    cfg = make_config(_synthetic_template, strategy=key, rounds=2, uncertainty={"source": "mc_dropout", "n_samples": 3})
+    run_experiment(cfg, tmp_path / "exp", factory)
+    ks = [k for b in factory.backends for k in b.predict_samples]
+    assert query_k in ks and set(ks) <= {1, query_k}
+    assert ks.count(query_k) >= 1 and (query_k == 1 or ks.count(query_k) == 1)

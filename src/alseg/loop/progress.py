@@ -239,7 +239,7 @@ class RunProgress:
             "come on top"
         )
 
-    def announce_remaining_estimate(self, r: int, predicts: bool, min_samples: int, n_pool: int, n_test: int) -> None:
+    def announce_remaining_estimate(self, r: int, predicts: bool, query_samples: int, n_pool: int, n_test: int) -> None:
         """After the first evaluation of a run that also timed training: the remaining rounds, prediction and
         evaluation included (scoring and selecting not)."""
         per_case = self.timing.get("evaluate_seconds_per_case")
@@ -257,7 +257,7 @@ class RunProgress:
         samples = 1
         if predicts:  # evaluation predicts one sample (an ensemble: every member)
             if u.source in ("mc_dropout", "tta"):
-                samples = max(u.n_samples or 1, min_samples)
+                samples = query_samples
             predict = per_case * samples * n_pool * len(rounds)
             parts.append(f"predicting the pool {format_minutes(predict)}")
         evaluated = [q for q in rounds if not (q % self.cfg.evaluate_every) or q == self.cfg.rounds - 1]

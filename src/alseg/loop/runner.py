@@ -154,6 +154,13 @@ class Experiment:
             self.state.mark_stage(conn, r, stage, time.perf_counter() - t0, peak_rss_mb(), detail)
 
     # ------------------------------------------------------------ stages
+    def query_samples(self) -> int:
+        """K for the query's predictions: the stored K (experiments created before K was resolved at creation
+        stored 1 for every source), at least the strategy's minimum; 1 for strategies that read features only
+        (Core-Set) or the network's own prediction (BADGE)."""
+        needs = self.strategy.needs
+        return max(self.cfg.uncertainty.n_samples or 1, needs.min_samples) if needs.samples else 1
+
     def query_context(self, r: int) -> QueryContext:
         """What the query of round ``r`` gives the strategy: the pool (with lazy predictions of the previous
         round's model, and its gradient embedder, when the strategy needs them), the query size and the seed."""
@@ -161,8 +168,7 @@ class Experiment:
         predictions = None
         if r > 0 and self.strategy.needs.probabilities:
             model = self.model_dir(r - 1)
-            # the stored K; experiments created before K was resolved at creation stored 1 for every source
-            n_samples = max(self.cfg.uncertainty.n_samples or 1, self.strategy.needs.min_samples)
+            n_samples = self.query_samples()
 
             def predictions() -> Iterator[Any]:
                 it = self.backend.predict(
@@ -357,8 +363,7 @@ class Experiment:
                         continue
                     getattr(self, f"stage_{stage}")(r)
                 if stage == "evaluate":
-                    needs = self.strategy.needs
                     self.progress.announce_remaining_estimate(
-                        r, needs.probabilities, needs.min_samples, len(self.pool), len(self.test)
+                        r, self.strategy.needs.probabilities, self.query_samples(), len(self.pool), len(self.test)
                     )
         return None

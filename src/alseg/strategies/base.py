@@ -26,6 +26,7 @@ class Needs:
 
     probabilities: bool = False  # streamed probability samples (K, C, *spatial) per pool case
     min_samples: int = 1  # K >= this (BALD needs 2 or more)
+    samples: bool = True  # reads the K samples; False: one deterministic prediction (K = 1) is all it uses
     features: bool = False  # bottleneck features per case
     gradients: bool = False  # per-region gradient embeddings
     gradient_layers: str = "bottleneck"  # which weights the gradients are taken of: "bottleneck" or "decoder"

@@ -124,7 +124,7 @@ class CoresetStrategy:
 
     key: ClassVar[str] = "coreset"
     description: ClassVar[str] = "Core-Set: greedy k-center on bottleneck features of regions (seed 001)"
-    needs: ClassVar[Needs] = Needs(probabilities=True, features=True)
+    needs: ClassVar[Needs] = Needs(probabilities=True, features=True, samples=False)
 
     def params(self) -> dict[str, Any]:
         return asdict(self)
@@ -169,7 +169,7 @@ class BadgeStrategy:
 
     key: ClassVar[str] = "badge"
     description: ClassVar[str] = "BADGE (last layer): k-means++ on region gradient embeddings (seed 001)"
-    needs: ClassVar[Needs] = Needs(probabilities=True, features=True)
+    needs: ClassVar[Needs] = Needs(probabilities=True, features=True, samples=False)
 
     def params(self) -> dict[str, Any]:
         return asdict(self)

@@ -35,6 +35,7 @@ import numpy as np
 from alseg import durable
 from alseg.backends.base import CasePrediction, ProgressCallback, TrainingCase, TrainingProgress, TrainResult
 from alseg.backends.nnunet.profiles import Profile, derive_configuration, get_profile
+from alseg.backends.nnunet.sampling import mc_dropout_probabilities
 from alseg.errors import AlsegError
 from alseg.uncertainty.tta import sample_tta
 
@@ -522,6 +523,8 @@ class NnUNetBackend:
                 for t in transforms:
                     _, probs = predictor.predict_single_npy_array(t.apply(image), props, None, None, True)
                     samples.append(t.invert_probabilities(probs))
+            elif self.uncertainty == "mc_dropout" and k > 1:  # the K passes batched (sampling.py)
+                samples = list(mc_dropout_probabilities(predictor, image, props, k, case_seed))
             else:
                 for i in range(k):
                     if self.uncertainty == "ensemble":
@@ -595,10 +598,12 @@ def _enable_mc_dropout(network: Any, p: float) -> None:
         raise BackendError("MC dropout needs a network trained with dropout; this model has no dropout layers")
     for m in drop:
         m.p = float(p)
+    network._alseg_mc_dropout = True  # _features switches it off for its deterministic pass
 
     def hook(module: Any, args: Any) -> None:
-        for m in drop:
-            m.train()
+        if getattr(network, "_alseg_mc_dropout", False):
+            for m in drop:
+                m.train()
 
     network.register_forward_pre_hook(hook)
 
@@ -626,6 +631,8 @@ def _features(predictor: Any, image: np.ndarray, props: dict) -> tuple[np.ndarra
     network = predictor.network
     network.load_state_dict(predictor.list_of_parameters[0])
     network.eval()
+    mc_dropout = getattr(network, "_alseg_mc_dropout", False)
+    network._alseg_mc_dropout = False  # the deterministic network, also while MC dropout passes are on
     total = np.prod(np.asarray(cm.pool_op_kernel_sizes), axis=0).astype(int)
     slicewise = len(total) == data.ndim - 2  # a 2d network on a 3D case: slices are the batch
     x = data.permute(1, 0, 2, 3) if slicewise else data[None]
@@ -653,6 +660,7 @@ def _features(predictor: Any, image: np.ndarray, props: dict) -> tuple[np.ndarra
     finally:
         h1.remove()
         h2.remove()
+        network._alseg_mc_dropout = mc_dropout
     b, h = torch.cat(bottlenecks), torch.cat(lasts)
     # back to (F, *preprocessed shape)
     b, h = (t.permute(1, 0, 2, 3) if slicewise else t[0] for t in (b, h))
