@@ -116,6 +116,12 @@ DIFFERENCES: dict[str, list[tuple[str, str, str, str]]] = {
             "training on 100 new slices per round is beyond the cpu budget; 10 is seed 002's setting",
         ),
         (
+            "rounds",
+            "seed 001: several sampling rounds of 100 slices; seed 002: AL cycles of 10 samples",
+            "4 rounds: 10 + 3 x 10 = 40 slices",
+            "the issue's second shrink (after the pool), to fit both studies in about 12 hours",
+        ),
+        (
             "training per round",
             "seed 001: nnU-Net 2D, 300 epochs per round, batch 366, patch 56 x 40",
             "the cpu profile: halved 2D network, batch 32, 8 warm-started epochs of 50 iterations (12 in round 0)",
