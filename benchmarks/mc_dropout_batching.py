@@ -24,19 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import save_result
 
 
-def per_pass(predictor: Any, image: np.ndarray, props: dict, k: int, seed: int) -> np.ndarray:
-    """The earlier path: nnU-Net's ``predict_single_npy_array`` once per pass."""
-    import torch
-
-    samples = []
-    for i in range(k):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + i)
-            _, probs = predictor.predict_single_npy_array(image, props, None, None, True)
-        samples.append(np.asarray(probs, dtype=np.float32))
-    return np.stack(samples)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("run", type=Path)
@@ -48,7 +35,7 @@ def main() -> None:
     import torch
 
     from alseg.backends.nnunet.backend import _enable_mc_dropout
-    from alseg.backends.nnunet.sampling import mc_dropout_probabilities
+    from alseg.backends.nnunet.sampling import mc_dropout_probabilities, per_pass_probabilities
     from alseg.config import load_config
     from alseg.loop.runner import Experiment
     from alseg.uncertainty.measures import bald, predictive_entropy
@@ -74,7 +61,7 @@ def main() -> None:
             for cid, image, props in images:
                 seed = zlib.crc32(cid.encode())
                 t0 = time.perf_counter()
-                old = per_pass(predictor, image, props, args.k, seed)
+                old = per_pass_probabilities(predictor, image, props, args.k, seed)
                 t1 = time.perf_counter()
                 new = mc_dropout_probabilities(predictor, image, props, args.k, seed)
                 t2 = time.perf_counter()

@@ -3,8 +3,6 @@ Hippocampus cases with tiny models of both configurations (3d_fullres boxes and 
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import pytest
 
@@ -49,18 +47,6 @@ def dropout_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     return predictor, np.ascontiguousarray(image, dtype=np.float32), {"spacing": [float(s) for s in spacing]}
 
 
-def nnunet_passes(predictor: Any, image: np.ndarray, props: dict, k: int, seed: int) -> np.ndarray:
-    import torch
-
-    out = []
-    for i in range(k):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + i)
-            _, probs = predictor.predict_single_npy_array(image, props, None, None, True)
-        out.append(np.asarray(probs, dtype=np.float32))
-    return np.stack(out)
-
-
 @pytest.mark.parametrize("smaller_patch", [False, True], ids=["planned_patch", "overlapping_tiles"])
 def test_batched_passes_equal_nnunet_without_dropout(
     dropout_model: tuple, smaller_patch: bool, monkeypatch: pytest.MonkeyPatch
@@ -72,7 +58,7 @@ def test_batched_passes_equal_nnunet_without_dropout(
     import torch
 
     from alseg.backends.nnunet.backend import _enable_mc_dropout
-    from alseg.backends.nnunet.sampling import mc_dropout_probabilities
+    from alseg.backends.nnunet.sampling import mc_dropout_probabilities, per_pass_probabilities
 
     monkeypatch.setattr(torch, "half", torch.float32)
     predictor, image, props = dropout_model
@@ -87,7 +73,7 @@ def test_batched_passes_equal_nnunet_without_dropout(
             tiles = len(predictor._internal_get_sliding_window_slicers(data.shape[1:]))
             assert tiles > (data.shape[1] if len(planned) == 2 else 1), "the tiles do not overlap"
         _enable_mc_dropout(predictor.network, 0.0)
-        ref = nnunet_passes(predictor, image, props, 1, seed=5)[0]
+        ref = per_pass_probabilities(predictor, image, props, 1, seed=5)[0]
         got = mc_dropout_probabilities(predictor, image, props, k=3, seed=5)
     finally:
         conf["patch_size"] = planned

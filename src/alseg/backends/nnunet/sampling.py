@@ -7,7 +7,7 @@ draws its own dropout masks, so each pass is still an independent sample of the 
 unchanged: the same K passes at the same dropout rate), and each pass's logits are put together exactly as
 nnU-Net does (padding to the patch, the Gaussian tile weights, the same tile positions), in float32, then mapped
 back to the image with nnU-Net's own export function. On Hippocampus 2D slices this cut a case's ten passes from
-about 2.6 s to well under a second on 2 cores (``benchmarks/results/mc_dropout_batching.json``).
+2.6 s to 1.4 s on 2 cores (``benchmarks/results/mc_dropout_batching.json``).
 """
 
 from __future__ import annotations
@@ -113,5 +113,20 @@ def mc_dropout_probabilities(predictor: Any, image: np.ndarray, props: dict, k: 
             return_probabilities=True,
             num_threads_torch=threads,
         )
+        samples.append(np.asarray(probs, dtype=np.float32))
+    return np.stack(samples)
+
+
+def per_pass_probabilities(predictor: Any, image: np.ndarray, props: dict, k: int, seed: int) -> np.ndarray:
+    """``(k, C, *image shape)``: nnU-Net's own ``predict_single_npy_array`` once per pass, pass ``i`` seeded with
+    ``seed + i``: the path the batched passes replace, kept as their reference (tests, and
+    ``benchmarks/mc_dropout_batching.py``)."""
+    import torch
+
+    samples = []
+    for i in range(k):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + i)
+            _, probs = predictor.predict_single_npy_array(image, props, None, None, True)
         samples.append(np.asarray(probs, dtype=np.float32))
     return np.stack(samples)
