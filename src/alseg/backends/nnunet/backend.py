@@ -35,7 +35,7 @@ import numpy as np
 from alseg import durable
 from alseg.backends.base import CasePrediction, ProgressCallback, TrainingCase, TrainingProgress, TrainResult
 from alseg.backends.nnunet.profiles import Profile, derive_configuration, get_profile
-from alseg.backends.nnunet.sampling import mc_dropout_probabilities
+from alseg.backends.nnunet.sampling import mc_dropout_probabilities, preprocess
 from alseg.errors import AlsegError
 from alseg.uncertainty.tta import sample_tta
 
@@ -619,15 +619,10 @@ def _features(predictor: Any, image: np.ndarray, props: dict) -> tuple[np.ndarra
     """
     import torch
     from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
-    from nnunetv2.inference.data_iterators import PreprocessAdapterFromNpy
 
     pm, cm = predictor.plans_manager, predictor.configuration_manager
-    ppa = PreprocessAdapterFromNpy(
-        [image], None, [dict(props)], None, pm, predictor.dataset_json, cm, num_threads_in_multithreaded=1
-    )
-    dct = next(ppa)
-    data = torch.as_tensor(dct["data"], dtype=torch.float32)
-    pp = dct["data_properties"]
+    data, pp = preprocess(predictor, image, dict(props))
+    data = torch.as_tensor(data, dtype=torch.float32)
     network = predictor.network
     network.load_state_dict(predictor.list_of_parameters[0])
     network.eval()
@@ -858,16 +853,11 @@ class RegionGradients:
 
     def __call__(self, image: np.ndarray, props: dict, boxes: Sequence[Any], index: np.ndarray | None) -> np.ndarray:
         import torch
-        from nnunetv2.inference.data_iterators import PreprocessAdapterFromNpy
 
         p = self.predictor
         pm, cm = p.plans_manager, p.configuration_manager
-        ppa = PreprocessAdapterFromNpy(
-            [image], None, [dict(props)], None, pm, p.dataset_json, cm, num_threads_in_multithreaded=1
-        )
-        dct = next(ppa)
-        data = torch.as_tensor(dct["data"], dtype=torch.float32)
-        pp = dct["data_properties"]
+        data, pp = preprocess(p, image, dict(props))
+        data = torch.as_tensor(data, dtype=torch.float32)
         masks = torch.stack([torch.as_tensor(_box_mask_preprocessed(b, pp, pm, data.shape[1:])) for b in boxes])
         total = np.prod(np.asarray(cm.pool_op_kernel_sizes), axis=0).astype(int)
         slicewise = len(total) == data.ndim - 2
