@@ -13,6 +13,13 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+RESULT_PATHS = (
+    ":(exclude)benchmarks/results",
+    ":(exclude,glob)benchmarks/studies/*/results/**",
+    ":(exclude)benchmarks/studies/results",
+    ":(exclude)benchmarks/studies/FINDINGS.md",
+    ":(exclude)benchmarks/studies/TIMING.md",
+)
 
 
 def shared_hippocampus() -> Path | None:
@@ -24,27 +31,31 @@ def shared_hippocampus() -> Path | None:
 
 
 def provenance() -> dict[str, Any]:
+    """The command, the commit (``+dirty`` with the modified tracked files named), the date and the machine."""
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
         ).stdout.strip()
-        dirty = bool(
-            subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-                check=False,
-            ).stdout.strip()
-        )
+        # result files the benchmarks write themselves do not make the code that measured them dirty
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *RESULT_PATHS],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        modified = [line[3:] for line in status.splitlines() if line.strip()]
     except OSError:
-        commit, dirty = "unknown", True
-    return {
+        commit, modified = "unknown", ["(git not found)"]
+    out: dict[str, Any] = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "commit": commit + ("+dirty" if dirty else ""),
+        "commit": commit + ("+dirty" if modified else ""),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}",
     }
+    if modified:
+        out["modified_files"] = modified
+    return out
 
 
 def save_result(name: str, data: dict[str, Any]) -> None:

@@ -75,6 +75,7 @@ def study_timing(study: Path) -> dict[str, Any]:
         row["run_minutes"] = float(np.mean(runs_total[label])) / 60 if runs_total.get(label) else float("nan")
         row["complete_runs"] = len(runs_total.get(label, []))
         table.append(row)
+    pooled = {stage: [v for stages in per.values() for v in stages.get(stage, [])] for stage in STAGES}
     families: dict[str, list[float]] = defaultdict(list)
     for row in table:
         if row["outside_training_share"] == row["outside_training_share"]:
@@ -85,11 +86,26 @@ def study_timing(study: Path) -> dict[str, Any]:
         "round0_seconds": [sum(b.values()) for b in bases if b],
         "round0_train_seconds": [b.get("train", float("nan")) for b in bases if b],
         "full_data_seconds": [sum(r.values()) for r in refs if r],
+        "stage_means": {stage: mean(v) for stage, v in pooled.items()},
     }
+
+
+def share_outside_training(query_seconds: float, stage_means: dict[str, float]) -> float:
+    """A round's share outside training with this query time and the study's mean annotate, train, evaluate."""
+    other = query_seconds + stage_means["annotate"] + stage_means["evaluate"]
+    return other / (other + stage_means["train"])
 
 
 def mean(v: list[float]) -> float:
     return float(np.mean(v)) if v else float("nan")
+
+
+def study_of(run: Path, studies: dict[str, Path | None]) -> str | None:
+    """Which study's folder holds ``run``."""
+    for key, study in studies.items():
+        if study is not None and run.resolve().is_relative_to(study.resolve()):
+            return key
+    return None
 
 
 def fmt(v: float, digits: int = 0) -> str:
@@ -143,8 +159,15 @@ def main() -> None:
         res = json.loads(f.read_text())
         data[f.stem] = res
         md += [
-            f"`{f.name}` (commit {res['provenance'].get('commit')}): seconds of one query of round 1 with the pool "
-            "restricted to N cases: total (prediction / gradient embeddings / scoring, selection and bookkeeping):",
+            f"`{f.name}` (commit {res['provenance'].get('commit')}"
+            + (
+                f", modified: {', '.join(res['provenance']['modified_files'])}"
+                if "modified_files" in res["provenance"]
+                else ""
+            )
+            + "): seconds of one query of round 1 with the pool restricted to N cases (a strategy other than the "
+            "run's own is timed on that run's models): total (prediction / gradient embeddings / scoring, selection "
+            "and bookkeeping):",
             "",
             "| run | strategy | family | " + " | ".join(f"N = {n}" for n in res["runs"][0]["by_pool_size"]) + " |",
             "|---|---|---|" + "---|" * len(res["runs"][0]["by_pool_size"]),
@@ -160,6 +183,31 @@ def main() -> None:
                 f"| {Path(r['run']).parent.name}/{Path(r['run']).name} | `{r['strategy']}` | {r['family']} | {cells} |"
             )
         md.append("")
+        shares = []
+        for r in res["runs"]:
+            key = study_of(Path(r["run"]), {"3d": args.study3d, "2d": args.study2d})
+            if key is None or key not in data:
+                continue
+            sm = data[key]["stage_means"]
+            row = {n: share_outside_training(v["seconds"], sm) for n, v in r["by_pool_size"].items()}
+            r["share_outside_training"] = row
+            shares.append(
+                f"| {key.upper()} | `{r['strategy']}` | "
+                + " | ".join(f"{fmt(100 * v)}%" for v in row.values())
+                + f" | {fmt(sm['train'])} + {fmt(sm['annotate'])} + {fmt(sm['evaluate'])} |"
+            )
+        if shares:
+            md += [
+                "The share of a round outside training with this query, the study's mean training, annotation and "
+                "evaluation of a round (rounds 1 on, all its runs) held fixed (they do not depend on the pool):",
+                "",
+                "| study | strategy | "
+                + " | ".join(f"N = {n}" for n in res["runs"][0]["by_pool_size"])
+                + " | train + annotate + evaluate (s) |",
+                "|---|---|" + "---|" * len(res["runs"][0]["by_pool_size"]) + "---|",
+                *shares,
+                "",
+            ]
     batching = RESULTS / "mc_dropout_batching.json"
     md += ["## MC dropout prediction", ""]
     if batching.is_file():
@@ -183,6 +231,25 @@ def main() -> None:
             "per strategy: "
             + "; ".join(f"`{r['strategy']}` {fmt(100 * r['query'] / r['round'])}%" for r in mc if r["round"] > 0)
             + ".",
+            "",
+        ]
+    mc_scaling = [r for f in scaling for r in data[f.stem]["runs"] if r["family"] == "MC dropout"]
+    if mc_scaling:
+        r = mc_scaling[0]
+        fractions = {n: v["predict_seconds"] / v["seconds"] for n, v in r["by_pool_size"].items() if v["seconds"] > 0}
+        speedup = data.get("mc_dropout_batching", {}).get("speedup", float("nan"))
+        md += [
+            f"Inside an MC dropout query (`{r['strategy']}`, K = {r['n_samples']}) the passes' prediction takes "
+            + ", ".join(f"{fmt(100 * v, 1)}% at N = {n}" for n, v in fractions.items())
+            + "; scoring and selection take the rest. What cuts the prediction without changing the method (the "
+            "same K dropout passes of the same network over nnU-Net's same tiles):",
+            "",
+            f"- batching the passes over the tiles, one preprocessing per case (done: {fmt(speedup, 1)}x, above);",
+            "- a GPU: the same prediction code runs there (`device: cuda`, the `gpu` profile); not measured here, "
+            "no GPU machine was lent to these sessions;",
+            "- predicting the pool's cases in parallel workers: the cases are independent and each case's passes are "
+            "seeded by the case, so the result would not change; alseg does not do it, and on 2 cores the network "
+            "already uses both.",
             "",
         ]
     write_report(args.out, md, args.json, data)
