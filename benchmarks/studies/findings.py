@@ -178,7 +178,15 @@ def power_and_mde(diffs: np.ndarray) -> tuple[float, float]:
     return power, d80 * sd
 
 
-def claim_table(claim: dict[str, Any], cmp: Any) -> dict[str, Any]:
+def study_seeds(study_dir: Path) -> int:
+    """How many seeds the study file behind a study folder asks for (``study.json`` names the file)."""
+    import yaml
+
+    study_file = Path(json.loads((study_dir / "study.json").read_text())["study_file"])
+    return len(yaml.safe_load(study_file.read_text())["seeds"])
+
+
+def claim_table(claim: dict[str, Any], cmp: Any, seeds: int | None = None) -> dict[str, Any]:
     from statsmodels.stats.multitest import multipletests
 
     from alseg.evaluation.stats import paired_test
@@ -238,10 +246,13 @@ def claim_table(claim: dict[str, Any], cmp: Any) -> dict[str, Any]:
             r["p_holm"] = float(pa)
         out["tests"].extend(tests)
     aubc = [r for r in out["tests"] if r["metric"] == "aubc"]
+    unfinished = [f"{r['strategy']} {r['complete']} of {seeds}" for r in out["rows"] if seeds and r["complete"] < seeds]
     if missing or not aubc:
         out["verdict"] = (
             "not run yet" if not out["rows"] else "incomplete (strategies missing: " + ", ".join(missing) + ")"
         )
+    elif unfinished:
+        out["verdict"] = "incomplete (seeds finished: " + ", ".join(unfinished) + ")"
     elif any(math.isfinite(r["p_holm"]) and r["p_holm"] < ALPHA and r["diff"] < 0 for r in aubc):
         out["verdict"] = "not reproduced"
     elif all(math.isfinite(r["p_holm"]) and r["p_holm"] < ALPHA and r["diff"] > 0 for r in aubc):
@@ -391,7 +402,7 @@ def main() -> None:
         if claim["study"] not in loaded:
             c = {**claim, "rows": [], "tests": [], "verdict": "not run yet", "missing": []}
         else:
-            c = claim_table(claim, loaded[claim["study"]][1])
+            c = claim_table(claim, loaded[claim["study"]][1], study_seeds(studies[claim["study"]]))
         data["claims"].append(c)
         md += claim_markdown(c)
     md += ["## Pairwise penalty matrices", ""]
