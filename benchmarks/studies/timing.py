@@ -28,15 +28,29 @@ from pool_scaling import family  # noqa: E402
 from _common import RESULTS, provenance, study_arguments, write_report  # noqa: E402
 
 STAGES = ("query", "annotate", "train", "evaluate")
+#: parts of a stage its record details: nnU-Net's own training inside the train stage, the stop set's prediction
+#: inside the evaluate stage
+PARTS = ("train_net", "stop_set")
 
 
 def stage_seconds(exp: Path) -> dict[int, dict[str, float]]:
+    """Per round, each finished stage's seconds, and the parts of a stage its details record (:data:`PARTS`)."""
     with sqlite3.connect(f"{(exp / 'alseg.sqlite').resolve().as_uri()}?mode=ro", uri=True) as conn:
-        rows = conn.execute("SELECT round, stage, seconds FROM stages WHERE status = 'done'").fetchall()
+        rows = conn.execute("SELECT round, stage, seconds, detail FROM stages WHERE status = 'done'").fetchall()
     out: dict[int, dict[str, float]] = defaultdict(dict)
-    for r, s, sec in rows:
+    for r, s, sec, detail in rows:
         out[int(r)][s] = float(sec or 0.0)
+        d = json.loads(detail) if detail else {}
+        if s == "train" and d.get("train_seconds") is not None:
+            out[int(r)]["train_net"] = float(d["train_seconds"])
+        if s == "evaluate" and (d.get("stopping") or {}).get("seconds") is not None:
+            out[int(r)]["stop_set"] = float(d["stopping"]["seconds"])
     return dict(out)
+
+
+def round_seconds(stages: dict[str, float]) -> float:
+    """A round's wall time: its stages (the parts are inside them)."""
+    return sum(v for k, v in stages.items() if k not in PARTS)
 
 
 def study_timing(study: Path) -> dict[str, Any]:
@@ -54,28 +68,32 @@ def study_timing(study: Path) -> dict[str, Any]:
         secs = stage_seconds(exp)
         later = {r: s for r, s in secs.items() if r > 0}
         for s in later.values():
-            for stage in STAGES:
+            for stage in (*STAGES, *PARTS):
                 if stage in s:
                     per[label][stage].append(s[stage])
             if all(st in s for st in STAGES):
-                per[label]["round"].append(sum(s.values()))
+                per[label]["round"].append(round_seconds(s))
         if len([r for r, s in later.items() if "evaluate" in s]) == cfg.rounds - 1:
-            runs_total[label].append(sum(sum(s.values()) for s in later.values()))
+            runs_total[label].append(sum(round_seconds(s) for s in later.values()))
     bases = [stage_seconds(p.parent).get(0, {}) for p in sorted((study / "runs").glob("*/round0/*/config.yaml"))]
+    bases = [{k: v for k, v in b.items() if k not in PARTS} for b in bases]
     refs = [stage_seconds(p.parent).get(0, {}) for p in sorted((study / "runs").glob("*/full_data/config.yaml"))]
     table = []
     for label, stages in sorted(per.items()):
         row: dict[str, Any] = {"strategy": label, "family": fam[label], "rounds": len(stages.get("round", []))}
-        for stage in (*STAGES, "round"):
+        for stage in (*STAGES, *PARTS, "round"):
             v = stages.get(stage, [])
             row[stage] = float(np.mean(v)) if v else float("nan")
+        # training = nnU-Net's own training; the rest of the train stage (writing the dataset, planning,
+        # loading) is bookkeeping outside training
+        net = row["train_net"] if row["train_net"] == row["train_net"] else row["train"]
         row["outside_training_share"] = (
-            1 - row["train"] / row["round"] if row["round"] == row["round"] and row["round"] > 0 else float("nan")
+            1 - net / row["round"] if row["round"] == row["round"] and row["round"] > 0 else float("nan")
         )
         row["run_minutes"] = float(np.mean(runs_total[label])) / 60 if runs_total.get(label) else float("nan")
         row["complete_runs"] = len(runs_total.get(label, []))
         table.append(row)
-    pooled = {stage: [v for stages in per.values() for v in stages.get(stage, [])] for stage in STAGES}
+    pooled = {stage: [v for stages in per.values() for v in stages.get(stage, [])] for stage in (*STAGES, *PARTS)}
     families: dict[str, list[float]] = defaultdict(list)
     for row in table:
         if row["outside_training_share"] == row["outside_training_share"]:
@@ -91,9 +109,12 @@ def study_timing(study: Path) -> dict[str, Any]:
 
 
 def share_outside_training(query_seconds: float, stage_means: dict[str, float]) -> float:
-    """A round's share outside training with this query time and the study's mean annotate, train, evaluate."""
-    other = query_seconds + stage_means["annotate"] + stage_means["evaluate"]
-    return other / (other + stage_means["train"])
+    """A round's share outside nnU-Net's training with this query time and the study's mean annotate, train,
+    evaluate stages (the train stage's own bookkeeping counted outside)."""
+    net = stage_means.get("train_net", float("nan"))
+    net = net if net == net else stage_means["train"]
+    rest = query_seconds + stage_means["annotate"] + stage_means["evaluate"] + stage_means["train"] - net
+    return rest / (rest + net)
 
 
 def mean(v: list[float]) -> float:
@@ -117,7 +138,7 @@ def main() -> None:
     prov = provenance()
     data: dict[str, Any] = {"provenance": prov}
     md = [
-        "# Timing of the studies (2 CPU cores, cpu profile)",
+        f"# Timing of the studies ({prov.get('machine')}, cpu profile)",
         "",
         f"Written by `python benchmarks/studies/timing.py` at commit {prov.get('commit')} from the runs' stage "
         "records (seconds as the loop measured them; runs that shared the machine with other work are slower).",
@@ -137,16 +158,20 @@ def main() -> None:
             f"Full-data reference: {fmt(mean(t['full_data_seconds']) / 60, 1) if t['full_data_seconds'] else '–'}"
             " min.",
             "",
-            "Seconds per round (rounds 1 on, mean over seeds and rounds) and minutes per run (rounds 1 on):",
+            "Seconds per round (rounds 1 on, mean over seeds and rounds) and minutes per run (rounds 1 on). Query = "
+            "predicting the pool, scoring and selecting; train = the stage, of which nnU-Net's own training (the "
+            "rest: writing the round's dataset, planning, loading); evaluate = the held-out cases, of which the "
+            "stop set's prediction. Outside training = everything but nnU-Net's training:",
             "",
-            "| strategy | family | query | annotate | train | evaluate | round | outside training | run (min) |",
+            "| strategy | family | query | annotate | train (nnU-Net) | evaluate (stop set) | round | outside "
+            "training | run (min) |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in t["strategies"]:
             md.append(
                 f"| `{r['strategy']}` | {r['family']} | {fmt(r['query'])} | {fmt(r['annotate'])} | {fmt(r['train'])} "
-                f"| {fmt(r['evaluate'])} | {fmt(r['round'])} | {fmt(100 * r['outside_training_share'])}% | "
-                f"{fmt(r['run_minutes'], 1)} ({r['complete_runs']} runs) |"
+                f"({fmt(r['train_net'])}) | {fmt(r['evaluate'])} ({fmt(r['stop_set'])}) | {fmt(r['round'])} | "
+                f"{fmt(100 * r['outside_training_share'])}% | {fmt(r['run_minutes'], 1)} ({r['complete_runs']} runs) |"
             )
         md += ["", "Share of a round outside training, per family (mean over its strategies):", ""]
         md += [f"- {k}: {fmt(100 * v)}%" for k, v in sorted(t["families"].items())]
@@ -194,7 +219,7 @@ def main() -> None:
             shares.append(
                 f"| {key.upper()} | `{r['strategy']}` | "
                 + " | ".join(f"{fmt(100 * v)}%" for v in row.values())
-                + f" | {fmt(sm['train'])} + {fmt(sm['annotate'])} + {fmt(sm['evaluate'])} |"
+                + f" | {fmt(sm['train'])} ({fmt(sm['train_net'])}) + {fmt(sm['annotate'])} + {fmt(sm['evaluate'])} |"
             )
         if shares:
             md += [
@@ -203,7 +228,7 @@ def main() -> None:
                 "",
                 "| study | strategy | "
                 + " | ".join(f"N = {n}" for n in res["runs"][0]["by_pool_size"])
-                + " | train + annotate + evaluate (s) |",
+                + " | train (nnU-Net) + annotate + evaluate (s) |",
                 "|---|---|" + "---|" * len(res["runs"][0]["by_pool_size"]) + "---|",
                 *shares,
                 "",
@@ -219,7 +244,8 @@ def main() -> None:
             f"{fmt(b['seconds_per_case_per_pass_calls'], 2)} s per case with nnU-Net's predictor called once per "
             f"pass, {fmt(b['seconds_per_case_batched'], 2)} s with the passes batched over the tiles "
             f"({fmt(b['speedup'], 1)}x); with dropout at p = 0 the two agree to {b['max_abs_diff_at_p0']:.1e} "
-            "(nnU-Net sums tiles in half precision). The studies ran with the batched passes.",
+            "(nnU-Net sums tiles in half precision). alseg predicts MC dropout passes batched since commit d953da7; "
+            "`study.json` records the commit of every run.",
             "",
         ]
     else:
@@ -233,16 +259,31 @@ def main() -> None:
             + ".",
             "",
         ]
-    mc_scaling = [r for f in scaling for r in data[f.stem]["runs"] if r["family"] == "MC dropout"]
+    # the strategies that read the K passes (Core-Set and BADGE query one deterministic prediction)
+    mc_scaling = [
+        r
+        for f in scaling
+        for r in data[f.stem]["runs"]
+        if r.get("n_samples", 1) > 1 and (r["family"] == "MC dropout" or r["strategy"].startswith("usim"))
+    ]
     if mc_scaling:
-        r = mc_scaling[0]
-        fractions = {n: v["predict_seconds"] / v["seconds"] for n, v in r["by_pool_size"].items() if v["seconds"] > 0}
         speedup = data.get("mc_dropout_batching", {}).get("speedup", float("nan"))
+        md += ["Where the K MC dropout passes make prediction dominate a round (one query at N pool cases):", ""]
+        for r in mc_scaling:
+            key = study_of(Path(r["run"]), {"3d": args.study3d, "2d": args.study2d})
+            net = data.get(key, {}).get("stage_means", {}).get("train_net", float("nan")) if key else float("nan")
+            cells = [
+                f"N = {n}: prediction {fmt(v['predict_seconds'])} s = "
+                f"{fmt(100 * v['predict_seconds'] / v['seconds'], 1)}% of the query, "
+                f"{fmt(v['predict_seconds'] / net, 1)}x a round's nnU-Net training ({fmt(net)} s)"
+                for n, v in r["by_pool_size"].items()
+                if v["seconds"] > 0
+            ]
+            md.append(f"- `{r['strategy']}` (K = {r.get('n_samples')}): " + "; ".join(cells) + ".")
         md += [
-            f"Inside an MC dropout query (`{r['strategy']}`, K = {r['n_samples']}) the passes' prediction takes "
-            + ", ".join(f"{fmt(100 * v, 1)}% at N = {n}" for n, v in fractions.items())
-            + "; scoring and selection take the rest. What cuts the prediction without changing the method (the "
-            "same K dropout passes of the same network over nnU-Net's same tiles):",
+            "",
+            "What cuts the prediction without changing the method (the same K dropout passes of the same network over "
+            "nnU-Net's same tiles):",
             "",
             f"- batching the passes over the tiles, one preprocessing per case (done: {fmt(speedup, 1)}x, above);",
             "- a GPU: the same prediction code runs there (`device: cuda`, the `gpu` profile); not measured here, "
@@ -250,6 +291,10 @@ def main() -> None:
             "- predicting the pool's cases in parallel workers: the cases are independent and each case's passes are "
             "seeded by the case, so the result would not change; alseg does not do it, and on 2 cores the network "
             "already uses both.",
+            "",
+            "BADGE's gradient embeddings are computed in closed form from the prediction's features and "
+            "probabilities (inside its prediction column); USIM's per-region gradients go through the network's "
+            "backward pass (the gradient column).",
             "",
         ]
     write_report(args.out, md, args.json, data)
