@@ -79,3 +79,26 @@ def test_fg_eff_degenerate_inputs():
     assert not fit.ok and math.isnan(fit.b)
     # a flat curve at d0 gives b = 0 (never negative)
     assert fit_fg_eff([0.1, 0.2, 0.3], [D0 - 0.01] * 3, C, X0, D0) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_aubc_over_a_shared_budget_range():
+    # the curve 0.2 -> 0.6 -> 0.8 at 0, 100, 300 cut to [50, 200]: Dice 0.4 at 50, 0.6 at 100, 0.7 at 200
+    expected = (50 * (0.4 + 0.6) / 2 + 100 * (0.6 + 0.7) / 2) / 150
+    assert aubc([0.2, 0.6, 0.8], x=[0, 100, 300], x_range=(50, 200)) == pytest.approx(expected)
+    # the whole span as the range is the plain AUBC
+    assert aubc([0.2, 0.6, 0.8], x=[0, 100, 300], x_range=(0, 300)) == pytest.approx(
+        aubc([0.2, 0.6, 0.8], [0, 100, 300])
+    )
+    # a run that spent twice the budget per round scores lower over the same budget
+    cheap = aubc([0.2, 0.6, 0.8], x=[0, 100, 200], x_range=(0, 200))
+    dear = aubc([0.2, 0.6, 0.8], x=[0, 200, 400], x_range=(0, 200))
+    assert cheap > dear
+    assert dear == pytest.approx((0.2 + 0.6) / 2)
+    # a vertical step (no cost in a round) ends the range at the later point
+    assert aubc([0.2, 0.5, 0.9], x=[0, 100, 100], x_range=(0, 100)) == pytest.approx((0.2 + 0.9) / 2)
+    with pytest.raises(ValueError, match="does not cover"):
+        aubc([0.2, 0.6], x=[0, 100], x_range=(0, 150))
+    with pytest.raises(ValueError, match="does not cover"):
+        aubc([0.2, 0.6], x=[10, 100], x_range=(0, 100))
+    with pytest.raises(ValueError, match="needs x"):
+        aubc([0.2, 0.6], x_range=(0, 1))

@@ -125,3 +125,25 @@ def copy_without_metrics(exp_dir: Path, dest: Path) -> Path:
     conn.commit()
     conn.close()
     return dest
+
+
+def shared_range_aubc(res: Any, experiment: str, axis: str) -> float:
+    """A run's AUBC on cost axis ``axis`` computed by hand: Dice interpolated on the range from the largest
+    starting cost to the smallest final cost of the finished runs of its setting and seed, mapped to [0, 1]."""
+    import numpy as np
+
+    def curve(path: str) -> Any:
+        df = res.rounds[res.rounds["experiment"] == path].sort_values("round")
+        return df[np.isfinite(df["dice"])]
+
+    me = next(e for e in res.al_experiments if str(e.path) == experiment)
+    paired = [e for e in res.al_experiments if (e.setting, e.seed) == (me.setting, me.seed)]
+    finished = [curve(str(e.path)) for e in paired if e.complete] or [curve(str(e.path)) for e in paired]
+    lo = max(float(c[axis].iloc[0]) for c in finished)
+    hi = min(float(c[axis].iloc[-1]) for c in finished)
+    c = curve(experiment)
+    x, y = c[axis].to_numpy(dtype=float), c["dice"].to_numpy(dtype=float)
+    if not hi > lo or x[0] > lo or x[-1] < hi:
+        return float("nan")
+    grid = np.unique(np.concatenate([[lo, hi], x[(x > lo) & (x < hi)]]))
+    return float(np.trapezoid(np.interp(grid, x, y), grid) / (hi - lo))

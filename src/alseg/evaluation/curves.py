@@ -12,13 +12,33 @@ import numpy as np
 __all__ = ["FgEffFit", "aubc", "fg_eff_model", "final_dice", "fit_fg_eff", "fit_fg_eff_detailed"]
 
 
-def aubc(dice: Sequence[float], x: Sequence[float] | None = None) -> float:
+def aubc(dice: Sequence[float], x: Sequence[float] | None = None, x_range: tuple[float, float] | None = None) -> float:
     """Area under the budget curve (trapezoid rule) with x normalised to [0, 1].
 
     Default ``x`` = round index, so for 5 rounds AUBC = (½D0 + D1 + D2 + D3 + ½D4)/4. ``x`` may be any
     non-decreasing budget (e.g. annotated voxels); it is mapped linearly so that its first value is 0 and
     its last 1. A single point returns that value. NaN in ``dice`` propagates.
+
+    ``x_range = (lo, hi)`` compares runs on one budget axis: the curve (Dice linearly interpolated between its
+    points) is cut to ``[lo, hi]`` and that interval is mapped to [0, 1], so runs that spent their budget at
+    different rates are measured over the same budget. The curve must cover the range (no extrapolation).
     """
+    if x_range is not None:
+        if x is None:
+            raise ValueError("aubc: x_range needs x")
+        lo, hi = (float(v) for v in x_range)
+        xr = np.asarray(x, dtype=np.float64).ravel()
+        y = np.asarray(dice, dtype=np.float64).ravel()
+        if xr.shape != y.shape or y.size < 2:
+            raise ValueError(f"aubc: x has {xr.size} points and dice {y.size}; need two or more of each")
+        if not (np.all(np.isfinite(xr)) and np.all(np.diff(xr) >= 0)):
+            raise ValueError("aubc: x must be finite and non-decreasing")
+        if not hi > lo or xr[0] > lo or xr[-1] < hi:
+            raise ValueError(f"aubc: the curve spans [{xr[0]}, {xr[-1]}], which does not cover [{lo}, {hi}]")
+        inside = (xr > lo) & (xr < hi)
+        xs = np.concatenate([[lo], xr[inside], [hi]])
+        ys = np.concatenate([[_interp(lo, xr, y)], y[inside], [_interp(hi, xr, y)]])
+        return aubc(ys, xs)
     y = np.asarray(dice, dtype=np.float64).ravel()
     if y.size == 0:
         raise ValueError("aubc: empty curve")
@@ -39,6 +59,14 @@ def aubc(dice: Sequence[float], x: Sequence[float] | None = None) -> float:
             raise ValueError("aubc: x spans zero width; cannot normalise to [0, 1]")
         xs = (xr - xr[0]) / span
     return float(np.sum((xs[1:] - xs[:-1]) * (y[1:] + y[:-1]) / 2.0))
+
+
+def _interp(at: float, x: np.ndarray, y: np.ndarray) -> float:
+    """Dice at budget ``at`` on the piecewise-linear curve; on a vertical step (equal x) the later point."""
+    i = int(np.searchsorted(x, at, side="right")) - 1
+    if x[i] == at or i == len(x) - 1:
+        return float(y[i])
+    return float(y[i] + (y[i + 1] - y[i]) * (at - x[i]) / (x[i + 1] - x[i]))
 
 
 def final_dice(curve: Sequence[float]) -> float:

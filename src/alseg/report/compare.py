@@ -96,15 +96,54 @@ def _aubc_column(aubc_x: str, cost_axis: str) -> str:
     return {"round": "round", "cost": cost_axis, "voxels": "voxels"}[aubc_x]
 
 
-def _run_aubc(df: pd.DataFrame, x: str) -> float:
-    """AUBC of one run's evaluated rounds (sorted by round, finite Dice) against column ``x``; NaN if impossible."""
+def _run_aubc(df: pd.DataFrame, x: str, x_range: tuple[float, float] | None = None) -> float:
+    """AUBC of one run's evaluated rounds (sorted by round, finite Dice) against column ``x``, over ``x_range``
+    when given (a cost axis: :func:`_shared_ranges`); NaN if impossible."""
     if not len(df):
         return float("nan")
     xs = df[x].to_numpy(dtype=float)
     try:
+        if x_range is not None:
+            return aubc(df["dice"].to_numpy(), xs, x_range)
         return aubc(df["dice"].to_numpy(), xs if len(df) > 1 else None)
-    except ValueError:  # an x that is NaN, not increasing or of zero width
+    except ValueError:  # an x that is NaN, not increasing, of zero width or short of the range
         return float("nan")
+
+
+def _evaluated(results: Results) -> dict[str, pd.DataFrame]:
+    """Each run's evaluated rounds with a finite Dice, sorted by round, by experiment path."""
+    rounds = results.al_rounds
+    out = {}
+    for e in results.al_experiments:
+        df = rounds[rounds["experiment"] == str(e.path)].sort_values("round")
+        out[str(e.path)] = df[np.isfinite(df["dice"])]
+    return out
+
+
+def _shared_ranges(
+    results: Results, evaluated: dict[str, pd.DataFrame], axis: str
+) -> dict[tuple[str, Any], tuple[float, float]]:
+    """Per (setting, seed), the budget range on cost axis ``axis`` that every finished run of that seed covers:
+    from the largest starting cost (the runs of a seed share their starting budget, so normally the one) to the
+    smallest final cost (over the finished runs; over all runs while none has finished).
+
+    A cost axis's AUBC is taken over this one range for every run paired by the seed: normalising each run's x
+    to its own [first, last] would give a run that spent twice the budget the same x range, and the cost would
+    drop out of the comparison. A run that stops short of the range (unfinished) gets NaN.
+    """
+    spans: dict[tuple[str, Any], list[tuple[float, float, bool]]] = {}
+    for e in results.al_experiments:
+        df = evaluated[str(e.path)]
+        xs = df[axis].to_numpy(dtype=float) if axis in df else np.array([])
+        if len(xs) >= 2 and np.all(np.isfinite(xs)):
+            spans.setdefault((str(e.setting), e.seed), []).append((float(xs[0]), float(xs[-1]), bool(e.complete)))
+    out = {}
+    for key, s in spans.items():
+        use = [v for v in s if v[2]] or s
+        lo, hi = max(v[0] for v in use), min(v[1] for v in use)
+        if hi > lo:
+            out[key] = (lo, hi)
+    return out
 
 
 def per_experiment_table(results: Results, aubc_x: AubcX = "round", cost_axis: str = "voxels") -> pd.DataFrame:
@@ -112,10 +151,10 @@ def per_experiment_table(results: Results, aubc_x: AubcX = "round", cost_axis: s
     the rounds evaluated so far, and the cost axis's final value."""
     x = _aubc_column(aubc_x, cost_axis)
     rows = []
-    rounds = results.al_rounds
+    evaluated = _evaluated(results)
+    ranges = _shared_ranges(results, evaluated, x) if x != "round" else {}
     for e in results.al_experiments:
-        df = rounds[rounds["experiment"] == str(e.path)].sort_values("round")
-        df = df[np.isfinite(df["dice"])]
+        df = evaluated[str(e.path)]
         row: dict[str, Any] = {
             "experiment": str(e.path),
             "strategy": e.strategy,
@@ -133,7 +172,10 @@ def per_experiment_table(results: Results, aubc_x: AubcX = "round", cost_axis: s
             "final_cost": float(df[cost_axis].iloc[-1]) if len(df) else float("nan"),
         }
         if len(df):
-            row["aubc"] = _run_aubc(df, x)
+            if x == "round":
+                row["aubc"] = _run_aubc(df, x)
+            elif (str(e.setting), e.seed) in ranges:
+                row["aubc"] = _run_aubc(df, x, ranges[(str(e.setting), e.seed)])
             row["final_dice"] = final_dice(df["dice"].to_numpy())
         rows.append(row)
     cols = [
@@ -156,14 +198,17 @@ def per_experiment_table(results: Results, aubc_x: AubcX = "round", cost_axis: s
 
 
 def aubc_by_axis(results: Results) -> pd.DataFrame:
-    """One row per (active-learning run, cost axis): the run's AUBC with x = that axis, and the axis's final
-    value; NaN where the run has no measure of the axis (:data:`alseg.report.results.MEASURED_AXES`)."""
+    """One row per (active-learning run, cost axis): the run's AUBC with x = that axis over the budget range
+    every finished run of its setting and seed covers (:func:`_shared_ranges`), and the axis's final value; NaN
+    where the run has no measure of the axis (:data:`alseg.report.results.MEASURED_AXES`) or stops short of the
+    range."""
     rows = []
-    rounds = results.al_rounds
+    evaluated = _evaluated(results)
+    ranges = {axis: _shared_ranges(results, evaluated, axis) for axis in COST_AXES}
     for e in results.al_experiments:
-        df = rounds[rounds["experiment"] == str(e.path)].sort_values("round")
-        df = df[np.isfinite(df["dice"])]
+        df = evaluated[str(e.path)]
         for axis in COST_AXES:
+            shared = ranges[axis].get((str(e.setting), e.seed))
             rows.append(
                 {
                     "experiment": str(e.path),
@@ -171,7 +216,7 @@ def aubc_by_axis(results: Results) -> pd.DataFrame:
                     "seed": e.seed,
                     "setting": e.setting,
                     "axis": axis,
-                    "aubc": _run_aubc(df, axis),
+                    "aubc": _run_aubc(df, axis, shared) if shared is not None else float("nan"),
                     "final_cost": float(df[axis].iloc[-1]) if len(df) else float("nan"),
                 }
             )

@@ -37,9 +37,10 @@ def cost_axes_section(cmp: Comparison, colors: dict) -> tuple[str, int]:
         "(inside the queried regions), annotated foreground voxels, corrected voxels (voxels whose label differs "
         "from the prefill the annotator started from: the previous round's model prediction from round 1 on, "
         "background in round 0 or with <code>prefill: false</code>) and correction strokes (the connected pieces of "
-        "the corrected voxels, 26 neighbours in 3D, 8 in 2D). AUBC per axis: area under the Dice curve with that "
-        "axis normalised to [0, 1], mean ± standard deviation over seeds. The report's cost axis "
-        f"(<code>--cost</code>): {escape(COST_AXES[cmp.cost_axis])}.</p>"
+        "the corrected voxels, 26 neighbours in 3D, 8 in 2D). AUBC per axis: area under the Dice curve over one "
+        "budget range of that axis per seed (the runs' shared start to the smallest final cost of the finished "
+        "runs, mapped to [0, 1]: strategies compared at equal cost), mean ± standard deviation over seeds. "
+        f"The report's cost axis (<code>--cost</code>): {escape(COST_AXES[cmp.cost_axis])}.</p>"
     ]
     if cmp.cost != cmp.cost_axis:
         parts.append(note(next((n for n in cmp.notes if n.startswith(f"cost axis {cmp.cost} ")), "")))

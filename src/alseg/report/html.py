@@ -259,7 +259,11 @@ def _section_summary(cmp: Comparison) -> str:
     s = cmp.summary
     if s.empty or cmp.results.al_rounds.empty:
         return _note("no evaluated rounds yet")
-    x = "round index" if cmp.aubc_column == "round" else COST_AXES[cmp.aubc_column]
+    x = (
+        "round index"
+        if cmp.aubc_column == "round"
+        else f"{COST_AXES[cmp.aubc_column]} over the range every finished run of a seed reached,"
+    )
     parts = [
         f'<p class="muted">Mean ± standard deviation over seeds. AUBC: area under the Dice curve with x = {x} '
         "normalised to [0, 1]. Final Dice: last evaluated round. FG-Eff: b of the fit Dice(x) = c − a·exp(−b·(x − x₀)) "
