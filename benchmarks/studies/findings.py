@@ -308,6 +308,7 @@ def claim_table(claim: dict[str, Any], cmp: Any, seeds: int | None = None) -> di
                 "final_dice_std": float(runs["final_dice"].std(ddof=1)) if len(runs) > 1 else float("nan"),
                 "fg_eff": float(fg["fg_eff"].iloc[0]) if len(fg) else float("nan"),
                 "fg_eff_stderr": float(fg["fg_eff_stderr"].iloc[0]) if len(fg) else float("nan"),
+                "fg_eff_reason": str(fg["reason"].iloc[0]) if len(fg) and isinstance(fg["reason"].iloc[0], str) else "",
                 "phi": float(cmp.ppm.phi.get(s, float("nan"))) if cmp.ppm is not None else float("nan"),
                 "phi_holm": float(cmp.ppm.phi_holm.get(s, float("nan"))) if cmp.ppm is not None else float("nan"),
             }
@@ -479,7 +480,7 @@ def claim_markdown(c: dict[str, Any]) -> list[str]:
     if not c["rows"]:
         return [*lines, "No run of this study yet.", ""]
     lines += [
-        "| strategy | seeds (complete) | AUBC | final Dice | FG-Eff | Φ | Φ (Holm) |",
+        "| strategy | seeds (complete) | AUBC ± std | final Dice ± std | FG-Eff ± fit s.e. | Φ | Φ (Holm) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in c["rows"]:
@@ -488,6 +489,9 @@ def claim_markdown(c: dict[str, Any]) -> list[str]:
             f"{fmt(r['final_dice_mean'])} ± {fmt(r['final_dice_std'])} | {fmt(r['fg_eff'], 2)} ± "
             f"{fmt(r['fg_eff_stderr'], 2)} | {fmt(r['phi'], 2)} | {fmt(r['phi_holm'], 2)} |"
         )
+    no_fit = {r["strategy"]: r["fg_eff_reason"] for r in c["rows"] if r["fg_eff_reason"] and r["fg_eff"] != r["fg_eff"]}
+    if no_fit:
+        lines += ["", "FG-Eff not fitted: " + "; ".join(f"`{k}`: {v}" for k, v in no_fit.items()) + "."]
     lines += [
         "",
         f"Paired t-tests of `{c['strategy']}` against each comparator (difference = it minus the comparator; Holm "
