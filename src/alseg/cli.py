@@ -521,8 +521,13 @@ def compare(
             table.add_row("full data (reference)", "", "1", "", f"{ref:.3f}", "", "", "")
         console.print(table)
     mark = f"▲/▼: significantly above/below {cmp.baseline} (paired t-test over seeds, p < 0.05)" if cmp.baseline else ""
-    x = "round index" if cmp.aubc_column == "round" else cmp.aubc_column
-    for line in [f"AUBC: x = {x}, normalised to [0, 1]", mark, cmp.ppm_note or "", *cmp.notes]:
+    x = (
+        "round index, normalised to [0, 1]"
+        if cmp.aubc_column == "round"
+        else f"{cmp.aubc_column} over one range per setting and seed (the largest starting cost to the smallest "
+        "final cost of the finished runs), normalised to [0, 1]"
+    )
+    for line in [f"AUBC: x = {x}", mark, cmp.ppm_note or "", *cmp.notes]:
         if line:
             console.print(line, markup=False, highlight=False)
 

@@ -94,8 +94,14 @@ def test_aubc_over_a_shared_budget_range():
     dear = aubc([0.2, 0.6, 0.8], x=[0, 200, 400], x_range=(0, 200))
     assert cheap > dear
     assert dear == pytest.approx((0.2 + 0.6) / 2)
-    # a vertical step (no cost in a round) ends the range at the later point
-    assert aubc([0.2, 0.5, 0.9], x=[0, 100, 100], x_range=(0, 100)) == pytest.approx((0.2 + 0.9) / 2)
+    # a round that cost nothing (a vertical step): the area is the curve's, whichever end of the range it is at
+    assert aubc([0.2, 0.5, 0.9], x=[0, 100, 100], x_range=(0, 100)) == pytest.approx((0.2 + 0.5) / 2)
+    assert aubc([0.2, 0.5, 0.9], x=[0, 100, 100], x_range=(0, 100)) == pytest.approx(
+        aubc([0.2, 0.5, 0.9], [0, 100, 100])
+    )
+    assert aubc([0.2, 0.5, 0.9], x=[0, 0, 100], x_range=(0, 100)) == pytest.approx((0.5 + 0.9) / 2)
+    steps = aubc([0.2, 0.4, 0.6, 0.9], x=[0, 100, 100, 200], x_range=(50, 150))
+    assert steps == pytest.approx((50 * (0.3 + 0.4) / 2 + 50 * (0.6 + 0.75) / 2) / 100)
     with pytest.raises(ValueError, match="does not cover"):
         aubc([0.2, 0.6], x=[0, 100], x_range=(0, 150))
     with pytest.raises(ValueError, match="does not cover"):

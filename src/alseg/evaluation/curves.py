@@ -37,7 +37,7 @@ def aubc(dice: Sequence[float], x: Sequence[float] | None = None, x_range: tuple
             raise ValueError(f"aubc: the curve spans [{xr[0]}, {xr[-1]}], which does not cover [{lo}, {hi}]")
         inside = (xr > lo) & (xr < hi)
         xs = np.concatenate([[lo], xr[inside], [hi]])
-        ys = np.concatenate([[_interp(lo, xr, y)], y[inside], [_interp(hi, xr, y)]])
+        ys = np.concatenate([[_interp(lo, xr, y, from_left=False)], y[inside], [_interp(hi, xr, y, from_left=True)]])
         return aubc(ys, xs)
     y = np.asarray(dice, dtype=np.float64).ravel()
     if y.size == 0:
@@ -61,11 +61,19 @@ def aubc(dice: Sequence[float], x: Sequence[float] | None = None, x_range: tuple
     return float(np.sum((xs[1:] - xs[:-1]) * (y[1:] + y[:-1]) / 2.0))
 
 
-def _interp(at: float, x: np.ndarray, y: np.ndarray) -> float:
-    """Dice at budget ``at`` on the piecewise-linear curve; on a vertical step (equal x) the later point."""
-    i = int(np.searchsorted(x, at, side="right")) - 1
-    if x[i] == at or i == len(x) - 1:
-        return float(y[i])
+def _interp(at: float, x: np.ndarray, y: np.ndarray, from_left: bool) -> float:
+    """Dice at budget ``at`` on the piecewise-linear curve. Where rounds share a budget (a vertical step: a round
+    that cost nothing on this axis) the curve's limit from the left (the first of them: the end of a range) or
+    from the right (the last: the start of a range)."""
+    if from_left:
+        i = int(np.searchsorted(x, at, side="left"))
+        if x[i] == at or i == 0:
+            return float(y[i])
+        i -= 1
+    else:
+        i = int(np.searchsorted(x, at, side="right")) - 1
+        if x[i] == at or i == len(x) - 1:
+            return float(y[i])
     return float(y[i] + (y[i + 1] - y[i]) * (at - x[i]) / (x[i + 1] - x[i]))
 
 

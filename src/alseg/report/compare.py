@@ -472,8 +472,9 @@ def compare(
     running = [e for e in results.al_experiments if not e.complete]
     if running:
         notes.append(
-            f"{len(running)} of {len(results.al_experiments)} runs are not finished; their AUBC and final Dice use "
-            "the rounds evaluated so far"
+            f"{len(running)} of {len(results.al_experiments)} runs are not finished; their AUBC over the round "
+            "index and final Dice use the rounds evaluated so far; on a cost axis a run that has not reached the "
+            "range of the finished runs of its seed has no AUBC and is left out of the means"
         )
     return Comparison(
         results,

@@ -262,7 +262,8 @@ def _section_summary(cmp: Comparison) -> str:
     x = (
         "round index"
         if cmp.aubc_column == "round"
-        else f"{COST_AXES[cmp.aubc_column]} over the range every finished run of a seed reached,"
+        else f"{COST_AXES[cmp.aubc_column]} over one range per setting and seed (the largest starting cost to the "
+        "smallest final cost of its finished runs, or of all its runs while none has finished),"
     )
     parts = [
         f'<p class="muted">Mean ± standard deviation over seeds. AUBC: area under the Dice curve with x = {x} '
