@@ -253,11 +253,23 @@ STATED = {
 }
 
 
+def study_file(study_dir: Path) -> Path:
+    """The study file ``study.json`` names; a warning when it is not the one the study last ran (its recorded
+    sha256: an edit since, even of a comment; the next ``alseg bench`` call records the file again)."""
+    import hashlib
+
+    record = json.loads((study_dir / "study.json").read_text())
+    path = Path(record["study_file"])
+    if hashlib.sha256(path.read_bytes()).hexdigest() != record.get("study_sha256"):
+        print(f"warning: {path} changed since the study in {study_dir} last ran it", file=sys.stderr)
+    return path
+
+
 def check_stated(key: str, study_dir: Path) -> None:
     """Stop with a message when the study file behind ``study_dir`` no longer has the values DIFFERENCES states."""
     import yaml
 
-    spec = yaml.safe_load(Path(json.loads((study_dir / "study.json").read_text())["study_file"]).read_text())
+    spec = yaml.safe_load(study_file(study_dir).read_text())
     found: dict[str, Any] = {"seeds": len(spec["seeds"])}
     for setting in spec["settings"].values():
         merged = {**spec.get("defaults", {}), **setting}
@@ -279,8 +291,7 @@ def study_seeds(study_dir: Path) -> int:
     """How many seeds the study file behind a study folder asks for (``study.json`` names the file)."""
     import yaml
 
-    study_file = Path(json.loads((study_dir / "study.json").read_text())["study_file"])
-    return len(yaml.safe_load(study_file.read_text())["seeds"])
+    return len(yaml.safe_load(study_file(study_dir).read_text())["seeds"])
 
 
 def claim_table(claim: dict[str, Any], cmp: Any, seeds: int | None = None) -> dict[str, Any]:
