@@ -253,23 +253,23 @@ STATED = {
 }
 
 
-def study_file(study_dir: Path) -> Path:
-    """The study file ``study.json`` names; a warning when it is not the one the study last ran (its recorded
-    sha256: an edit since, even of a comment; the next ``alseg bench`` call records the file again)."""
+def study_spec(study_dir: Path) -> dict[str, Any]:
+    """The study file ``study.json`` names, parsed; a warning when it is not the one the study last ran (its
+    recorded sha256: an edit since, even of a comment; the next ``alseg bench`` call records the file again)."""
     import hashlib
+
+    import yaml
 
     record = json.loads((study_dir / "study.json").read_text())
     path = Path(record["study_file"])
     if hashlib.sha256(path.read_bytes()).hexdigest() != record.get("study_sha256"):
         print(f"warning: {path} changed since the study in {study_dir} last ran it", file=sys.stderr)
-    return path
+    return yaml.safe_load(path.read_text())
 
 
-def check_stated(key: str, study_dir: Path) -> None:
-    """Stop with a message when the study file behind ``study_dir`` no longer has the values DIFFERENCES states."""
-    import yaml
-
-    spec = yaml.safe_load(study_file(study_dir).read_text())
+def check_stated(key: str, study_dir: Path, spec: dict[str, Any]) -> None:
+    """Stop with a message when the study file behind ``study_dir`` (``spec``, parsed) no longer has the values
+    DIFFERENCES states."""
     found: dict[str, Any] = {"seeds": len(spec["seeds"])}
     for setting in spec["settings"].values():
         merged = {**spec.get("defaults", {}), **setting}
@@ -285,13 +285,6 @@ def check_stated(key: str, study_dir: Path) -> None:
             + ", ".join(f"{k}: stated {a}, file {b}" for k, (a, b) in wrong.items())
             + "; update DIFFERENCES and STATED"
         )
-
-
-def study_seeds(study_dir: Path) -> int:
-    """How many seeds the study file behind a study folder asks for (``study.json`` names the file)."""
-    import yaml
-
-    return len(yaml.safe_load(study_file(study_dir).read_text())["seeds"])
 
 
 def claim_table(claim: dict[str, Any], cmp: Any, seeds: int | None = None) -> dict[str, Any]:
@@ -524,8 +517,9 @@ def main() -> None:
     args = study_arguments(__doc__, "findings")
     studies = {"3d": args.study3d, "2d": args.study2d}
     loaded = {k: load(v) for k, v in studies.items() if v is not None and (v / "runs").is_dir()}
+    specs = {k: study_spec(studies[k]) for k in loaded}
     for k in loaded:
-        check_stated(k, studies[k])
+        check_stated(k, studies[k], specs[k])
     data: dict[str, Any] = {"claims": [], "rankings": {}, "stopping": {}, "provenance": provenance()}
     md = [
         "# Findings: the three papers' claims at the scale of the cpu profile",
@@ -547,7 +541,7 @@ def main() -> None:
         if claim["study"] not in loaded:
             c = {**claim, "rows": [], "tests": [], "verdict": "not run yet", "missing": []}
         else:
-            c = claim_table(claim, loaded[claim["study"]][1], study_seeds(studies[claim["study"]]))
+            c = claim_table(claim, loaded[claim["study"]][1], len(specs[claim["study"]]["seeds"]))
         data["claims"].append(c)
         md += claim_markdown(c)
     md += ["## Pairwise penalty matrices", ""]
