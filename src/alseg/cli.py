@@ -491,8 +491,8 @@ def compare(
     cost: Cost = None,
 ) -> None:
     """Print the comparison table: AUBC, final Dice, FG-Eff and Φ per strategy (mean ± std over seeds)."""
+    from alseg.report.compare import SHARED_RANGE, format_mean_std
     from alseg.report.compare import compare as compare_results
-    from alseg.report.compare import format_mean_std
     from alseg.report.results import load_results
 
     res = _guarded(load_results, exp_dirs, full_data or ())
@@ -524,8 +524,7 @@ def compare(
     x = (
         "round index, normalised to [0, 1]"
         if cmp.aubc_column == "round"
-        else f"{cmp.aubc_column} over one range per setting and seed (the largest starting cost to the smallest "
-        "final cost of the finished runs), normalised to [0, 1]"
+        else f"{cmp.aubc_column} {SHARED_RANGE}, normalised to [0, 1]"
     )
     for line in [f"AUBC: x = {x}", mark, cmp.ppm_note or "", *cmp.notes]:
         if line:

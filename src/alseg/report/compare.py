@@ -42,6 +42,11 @@ AubcX = Literal["round", "cost", "voxels"]
 AUBC_XS = ("round", "cost", "voxels")
 #: the cumulative cost a report draws its curves against (:data:`alseg.report.results.COST_AXES`)
 CostAxis = Literal["voxels", "fg_voxels", "corrected_voxels", "strokes"]
+#: the budget range of an AUBC on a cost axis (:func:`_shared_ranges`), as the report and ``alseg compare`` state it
+SHARED_RANGE = (
+    "over one range per setting and seed (the largest starting cost to the smallest final cost of its finished "
+    "runs, or of all its runs while none has finished)"
+)
 ALPHA = 0.05
 SUMMARY_METRICS = {"aubc": "AUBC", "final_dice": "Final Dice"}
 

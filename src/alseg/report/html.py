@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from alseg.report.compare import AubcX, Comparison, CostAxis, compare, format_mean_std, write_csv
+from alseg.report.compare import SHARED_RANGE, AubcX, Comparison, CostAxis, compare, format_mean_std, write_csv
 from alseg.report.costs import annotators_section, cost_axes_section
 from alseg.report.gallery import render_gallery
 from alseg.report.markup import escape as _e
@@ -259,12 +259,7 @@ def _section_summary(cmp: Comparison) -> str:
     s = cmp.summary
     if s.empty or cmp.results.al_rounds.empty:
         return _note("no evaluated rounds yet")
-    x = (
-        "round index"
-        if cmp.aubc_column == "round"
-        else f"{COST_AXES[cmp.aubc_column]} over one range per setting and seed (the largest starting cost to the "
-        "smallest final cost of its finished runs, or of all its runs while none has finished),"
-    )
+    x = "round index" if cmp.aubc_column == "round" else f"{COST_AXES[cmp.aubc_column]} {SHARED_RANGE},"
     parts = [
         f'<p class="muted">Mean ± standard deviation over seeds. AUBC: area under the Dice curve with x = {x} '
         "normalised to [0, 1]. Final Dice: last evaluated round. FG-Eff: b of the fit Dice(x) = c − a·exp(−b·(x − x₀)) "
