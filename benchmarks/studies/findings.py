@@ -36,6 +36,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from _common import provenance, study_arguments, write_report  # noqa: E402
 
+#: the issue's compute budget for both studies together, hours of this 2-core machine
+BUDGET_HOURS = 12
 SB_ENTROPY = "stochastic_batches(base=entropy)"
 SB_CLASP = "stochastic_batches(base=clasp_pe)"
 CLAIMS: list[dict[str, Any]] = [
@@ -513,6 +515,40 @@ def claim_markdown(c: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def compute_markdown(
+    studies: dict[str, Path | None], specs: dict[str, dict[str, Any]], data: dict[str, Any]
+) -> list[str]:
+    """The studies' compute against the issue's budget (``BUDGET_HOURS``), from the runs' stage records."""
+    from timing import study_timing
+
+    timing = {k: study_timing(v) for k, v in studies.items() if k in specs and v is not None}
+    hours = {k: t["total_seconds"] / 3600 for k, t in timing.items()}
+    data["compute_hours"] = hours
+    if not hours:
+        return []
+    total = sum(hours.values())
+    parts = []
+    for k, h in hours.items():
+        spec = specs[k]
+        planned = len(spec["settings"]) * len(spec["strategies"]) * len(spec["seeds"])
+        done = timing[k]["finished_runs"]
+        parts.append(f"{k.upper()} {h:.1f} h" + ("" if done >= planned else f" ({done} of {planned} runs so far)"))
+    over = f"{total - BUDGET_HOURS:.1f} h over it" if total > BUDGET_HOURS else f"{BUDGET_HOURS - total:.1f} h under it"
+    lines = [
+        "## Compute",
+        "",
+        f"The runs' own stage records ([TIMING.md](TIMING.md)): {', '.join(parts)}, {total:.1f} h in all on 2 "
+        f"cores, against the issue's budget of about {BUDGET_HOURS} hours for both studies: {over}.",
+    ]
+    if "2d" in specs:
+        lines[-1] += (
+            f" The 2D study took the issue's first two shrinks (a pool of 60 cases, 4 rounds) and kept "
+            f"{len(specs['2d']['seeds'])} seeds: the last allowed shrink, 2 seeds, would leave each paired t-test "
+            "1 degree of freedom, and at 3 seeds the tests above already have little power."
+        )
+    return [*lines, ""]
+
+
 def main() -> None:
     args = study_arguments(__doc__, "findings")
     studies = {"3d": args.study3d, "2d": args.study2d}
@@ -607,6 +643,7 @@ def main() -> None:
                 f"{fmt(r['max_stability'])} |"
             )
         md.append("")
+    md += compute_markdown(studies, {k: specs[k] for k in loaded}, data)
     md += [
         "## Differences from the papers",
         "",

@@ -103,8 +103,12 @@ def study_timing(study: Path) -> dict[str, Any]:
         "families": {k: float(np.mean(v)) for k, v in families.items()},
         "round0_seconds": [sum(b.values()) for b in bases if b],
         "round0_train_seconds": [b.get("train", float("nan")) for b in bases if b],
-        "full_data_seconds": [sum(r.values()) for r in refs if r],
+        "full_data_seconds": [round_seconds(r) for r in refs if r],
         "stage_means": {stage: mean(v) for stage, v in pooled.items()},
+        "total_seconds": sum(sum(v) for v in runs_total.values())
+        + sum(sum(b.values()) for b in bases)
+        + sum(round_seconds(r) for r in refs),
+        "finished_runs": sum(len(v) for v in runs_total.values()),
     }
 
 
@@ -156,7 +160,8 @@ def main() -> None:
             f"Round 0, trained once per seed in the base experiment: {fmt(mean(t['round0_seconds']) / 60, 1)} min "
             f"(training {fmt(mean(t['round0_train_seconds']) / 60, 1)} min; {len(t['round0_seconds'])} bases). "
             f"Full-data reference: {fmt(mean(t['full_data_seconds']) / 60, 1) if t['full_data_seconds'] else '–'}"
-            " min.",
+            f" min. In all, the {t['finished_runs']} finished runs (rounds 1 on), the round-0 models and the "
+            f"reference: {fmt(t['total_seconds'] / 3600, 1)} h.",
             "",
             "Seconds per round (rounds 1 on, mean over seeds and rounds) and minutes per run (rounds 1 on). Query = "
             "predicting the pool, scoring and selecting; train = the stage, of which nnU-Net's own training (the "
