@@ -541,10 +541,11 @@ def compute_markdown(
         f"cores, against the issue's budget of about {BUDGET_HOURS} hours for both studies: {over}.",
     ]
     if "2d" in specs:
+        n = len(specs["2d"]["seeds"])
         lines[-1] += (
-            f" The 2D study took the issue's first two shrinks (a pool of 60 cases, 4 rounds) and kept "
-            f"{len(specs['2d']['seeds'])} seeds: the last allowed shrink, 2 seeds, would leave each paired t-test "
-            "1 degree of freedom, and at 3 seeds the tests above already have little power."
+            f" The 2D study took the issue's first two shrinks (a pool of {STATED['2d']['pool_size']} cases, "
+            f"{STATED['2d']['rounds']} rounds) and kept {n} seeds: the last allowed shrink, 2 seeds, would leave "
+            f"each paired t-test 1 degree of freedom, and at {n} seeds the tests above already have little power."
         )
     return [*lines, ""]
 
@@ -643,7 +644,7 @@ def main() -> None:
                 f"{fmt(r['max_stability'])} |"
             )
         md.append("")
-    md += compute_markdown(studies, {k: specs[k] for k in loaded}, data)
+    md += compute_markdown(studies, specs, data)
     md += [
         "## Differences from the papers",
         "",

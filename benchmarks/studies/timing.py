@@ -98,16 +98,16 @@ def study_timing(study: Path) -> dict[str, Any]:
     for row in table:
         if row["outside_training_share"] == row["outside_training_share"]:
             families[row["family"]].append(row["outside_training_share"])
+    round0 = [sum(b.values()) for b in bases if b]
+    full_data = [round_seconds(r) for r in refs if r]
     return {
         "strategies": table,
         "families": {k: float(np.mean(v)) for k, v in families.items()},
-        "round0_seconds": [sum(b.values()) for b in bases if b],
+        "round0_seconds": round0,
         "round0_train_seconds": [b.get("train", float("nan")) for b in bases if b],
-        "full_data_seconds": [round_seconds(r) for r in refs if r],
+        "full_data_seconds": full_data,
         "stage_means": {stage: mean(v) for stage, v in pooled.items()},
-        "total_seconds": sum(sum(v) for v in runs_total.values())
-        + sum(sum(b.values()) for b in bases)
-        + sum(round_seconds(r) for r in refs),
+        "total_seconds": sum(sum(v) for v in runs_total.values()) + sum(round0) + sum(full_data),
         "finished_runs": sum(len(v) for v in runs_total.values()),
     }
 
